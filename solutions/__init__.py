@@ -1,0 +1,1 @@
+"""Reference answers to the graded exercises (`minillm grade --impl solutions` scores full marks)."""
