@@ -1,2 +1,123 @@
-def main(argv=None):
+"""The `minillm` command: the course's main jobs from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from minillm.errors import MiniLLMError
+
+
+def _env(args) -> int:
+    from minillm.env import FIX, environment_report, format_report
+
+    checks = environment_report()
+    print(format_report(checks))
+    return 1 if args.strict and any(c.status == FIX for c in checks) else 0
+
+
+def _setup_nltk(args) -> int:
+    from minillm.wordnet import setup_wordnet
+
+    print(setup_wordnet(allow_download=not args.offline))
     return 0
+
+
+def _data(args) -> int:
+    from minillm import data
+
+    if args.action == "list":
+        for corpus in data.CORPORA.values():
+            state = "cached" if data.is_cached(corpus.name) else "not downloaded"
+            print(f"{corpus.name:<16} {corpus.size:>10,} bytes  {state:<14} {corpus.description}")
+        print(f"cache: {data.data_dir()}")
+    elif args.action == "download":
+        for name in args.names or list(data.CORPORA):
+            print(f"{name}: {data.fetch(name)}")
+    else:
+        for name in args.names or list(data.CORPORA):
+            print(data.cached_path(name))
+    return 0
+
+
+def _grade(args) -> int:
+    from minillm.grading import chapter_table, grade
+    from minillm.utils import repo_root
+
+    tests = grade(repo_root(), args.chapters, args.impl, args.json)
+    print(f"graded {args.impl}/ with the tests in tests/exercises/")
+    print(chapter_table(tests))
+    failed = [t for t in tests if not t.passed]
+    if failed and not args.quiet:
+        print("\nnot passing yet:")
+        for t in failed:
+            last = (t.output.strip().splitlines() or [""])[-1]
+            print(f"  {t.nodeid.split('::', 1)[-1]}  ({t.points:g} pts): {last[:120]}")
+    if args.json:
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+def _notebooks(args) -> int:
+    from minillm.notebooks import NOTEBOOK_BUDGET_S, chapter_notebooks, execute_notebook
+    from minillm.utils import repo_root
+
+    paths = [Path(p) for p in args.paths] or chapter_notebooks(repo_root())
+    failures = 0
+    for path in paths:
+        run = execute_notebook(path, write=not args.check)
+        verdict = "ok" if run.ok else (run.error or f"over the {NOTEBOOK_BUDGET_S:.0f} s budget")
+        print(f"{path.name:<45} {run.seconds:6.1f} s  {verdict}", flush=True)
+        failures += not run.ok
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillm", description="minillm: train and serve a small GPT, from raw text to DeepSpeed."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("env", help="check this machine: versions, devices, DeepSpeed ops, data")
+    p.add_argument("--strict", action="store_true", help="exit 1 when something needs fixing")
+    p.set_defaults(run=_env)
+
+    p = sub.add_parser("setup-nltk", help="install NLTK's WordNet (download, or Debian packages offline)")
+    p.add_argument("--offline", action="store_true", help="skip nltk.download; use Debian's packages")
+    p.set_defaults(run=_setup_nltk)
+
+    p = sub.add_parser("data", help="list, download or locate the course corpora")
+    p.add_argument("action", choices=["list", "download", "path"])
+    p.add_argument("names", nargs="*", help="corpus names (default: all)")
+    p.set_defaults(run=_data)
+
+    p = sub.add_parser("grade", help="grade the exercises: points per chapter, Gradescope JSON")
+    p.add_argument("chapters", nargs="*", metavar="chNN", help="chapters to grade (default: all)")
+    p.add_argument("--impl", choices=["exercises", "solutions"], default="exercises",
+                   help="grade your exercises/ (default) or the reference solutions/")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write Gradescope's results.json here")
+    p.add_argument("--quiet", action="store_true", help="only the table")
+    p.set_defaults(run=_grade)
+
+    p = sub.add_parser("notebooks", help="execute the chapter notebooks and save their outputs")
+    p.add_argument("paths", nargs="*", help="notebooks to run (default: every chapter)")
+    p.add_argument("--check", action="store_true", help="execute without writing outputs back")
+    p.set_defaults(run=_notebooks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MiniLLMError as exc:
+        print(f"minillm {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
