@@ -8,6 +8,8 @@ from pathlib import Path
 
 from minillm.errors import MiniLLMError
 
+DEFAULT_TRAIN_CONFIG = Path("configs/train/shakespeare_char.yaml")
+
 
 def _env(args) -> int:
     from minillm.env import FIX, environment_report, format_report
@@ -73,6 +75,33 @@ def _notebooks(args) -> int:
     return 1 if failures else 0
 
 
+def _train(args) -> int:
+    import shutil
+
+    from minillm.train import Trainer, load_config
+
+    config = load_config(args.config, args.set)
+    if args.fresh:
+        shutil.rmtree(config.out_dir, ignore_errors=True)
+    result = Trainer(config).fit()
+    print(f"step {result.step}: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
+          f" ({result.seconds:.0f} s, {result.tokens_per_s:,.0f} tokens/s); run folder {result.run_dir}")
+    if result.sample is not None:
+        print("--- sample ---")
+        print(result.sample)
+    return 0
+
+
+def _sample(args) -> int:
+    from minillm.sample import generate_text, load_for_sampling
+    from minillm.train import pick_device
+
+    model, tokenizer = load_for_sampling(args.checkpoint, pick_device(args.device))
+    print(generate_text(model, tokenizer, args.prompt, args.tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillm", description="minillm: train and serve a small GPT, from raw text to DeepSpeed."
@@ -91,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "download", "path"])
     p.add_argument("names", nargs="*", help="corpus names (default: all)")
     p.set_defaults(run=_data)
+
+    p = sub.add_parser("train", help="train the course GPT (default: character-level Shakespeare)")
+    p.add_argument("--config", type=Path, default=DEFAULT_TRAIN_CONFIG,
+                   help="a YAML file of TrainConfig fields (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.n_layer=6 (repeatable)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the run folder first instead of resuming from its last checkpoint")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run folder or a checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--tokens", type=int, default=300, help="how many tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_sample)
 
     p = sub.add_parser("grade", help="grade the exercises: points per chapter, Gradescope JSON")
     p.add_argument("chapters", nargs="*", metavar="chNN", help="chapters to grade (default: all)")

@@ -1,0 +1,51 @@
+"""Sampling text from a trained GPT: from a live model or from a checkpoint folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minillm import checkpoint
+from minillm.errors import InputError, require_text
+from minillm.model import GPT, GPTConfig
+from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import load as load_tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
+                  temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> str:
+    """`prompt` followed by `max_new_tokens` sampled tokens, decoded. The same seed gives the
+    same text; temperature 0 is greedy decoding."""
+    require_text(prompt, "prompt")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise InputError("the prompt is empty; give at least one character (e.g. a newline)")
+    block = model.config.block_size
+    if len(ids) > block:
+        raise InputError(
+            f"the prompt is {len(ids)} tokens, longer than the model's context of {block}; "
+            f"shorten it to at most {block} tokens"
+        )
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens,
+                         temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())
+
+
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a checkpoint folder, or of a run folder's latest checkpoint."""
+    folder = checkpoint.resolve(Path(path))
+    config = checkpoint.load_config(folder)
+    model = GPT(GPTConfig.from_dict(config["model"])).to(device)
+    checkpoint.load_weights(folder, model)
+    tokenizer_file = folder / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise checkpoint.CheckpointError(f"{folder} has no {TOKENIZER_FILE}; it cannot decode samples")
+    return model, load_tokenizer(tokenizer_file)
