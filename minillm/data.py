@@ -15,10 +15,23 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm import tqdm
 
-from minillm.errors import MiniLLMError, unknown_name
+from minillm.errors import (
+    InputError,
+    InputTypeError,
+    MiniLLMError,
+    require_positive,
+    unknown_name,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from minillm.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -153,3 +166,136 @@ def download(
         )
     os.replace(part, dest)
     return dest
+
+
+# Token streams: a corpus as one array of token ids, split in two, and cut into training batches.
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest dtype the ids of a vocabulary fit in: uint16 up to 65,536 ids, else int32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+
+
+def tokens_path(name: str, tokenizer: Tokenizer) -> Path:
+    """Where corpus `name`'s token ids under `tokenizer` are cached: beside the corpus, named by
+    the corpus's sha256 and the tokenizer's fingerprint, so a changed corpus or tokenizer never
+    reads a stale file."""
+    corpus = get_corpus(name)
+    return cached_path(name).with_name(
+        f"tokens-{corpus.sha256[:16]}-{tokenizer.fingerprint[:16]}.npy"
+    )
+
+
+def load_tokens(name: str, tokenizer: Tokenizer, *, progress: bool = True) -> np.ndarray:
+    """Corpus `name` as one 1-D array of token ids (dtype `token_dtype(tokenizer.vocab_size)`).
+
+    The first call encodes the corpus and saves the array beside it in the data cache; later calls
+    with the same corpus and tokenizer only read that file.
+    """
+    path = tokens_path(name, tokenizer)
+    if path.is_file():
+        return np.load(path)
+    ids = np.asarray(tokenizer.encode(load_text(name, progress=progress)),
+                     dtype=token_dtype(tokenizer.vocab_size))
+    part = path.with_name(path.name + ".part")  # renamed into place once whole, like downloads
+    with open(part, "wb") as f:
+        np.save(f, ids)
+    os.replace(part, path)
+    return ids
+
+
+def train_val_split(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The first part of a token stream for training and the last `val_fraction` for validation.
+
+    Not shuffled: neighbouring windows overlap, so a random split would put almost every
+    validation token in the training set too. The validation part has
+    `round(len(ids) * val_fraction)` tokens.
+    """
+    require_positive(val_fraction, "val_fraction")
+    if val_fraction >= 1:
+        raise InputError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n_val = round(len(ids) * val_fraction)
+    if n_val == 0 or n_val == len(ids):
+        raise InputError(
+            f"{len(ids)} tokens are too few to split with val_fraction={val_fraction}: one part "
+            "would be empty"
+        )
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+class TokenBatchSampler:
+    """Random (input, target) batches from a token stream, for next-token prediction.
+
+    Each batch holds `batch_size` windows of `block_size + 1` consecutive tokens that start at
+    uniformly random offsets: the input is a window's first `block_size` tokens, the target its
+    last `block_size` (the input shifted by one), both `(batch_size, block_size)` int64 tensors
+    on `device`. Batch number k draws its offsets from a generator seeded with `(seed, k)`, so
+    the sampler's whole state is two integers: after `load_state_dict(state_dict())` it gives
+    exactly the batches an uninterrupted sampler would have given next.
+
+    >>> x, y = next(TokenBatchSampler(np.arange(100), block_size=8, batch_size=4))
+    >>> x.shape, bool((y[:, :-1] == x[:, 1:]).all())
+    (torch.Size([4, 8]), True)
+    """
+
+    def __init__(
+        self, ids: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        import torch  # here, not at the top: `minillm data` should not wait for torch
+
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputTypeError(
+                f"ids must be a 1-D array of integer token ids, got shape {ids.shape} and "
+                f"dtype {ids.dtype}"
+            )
+        require_positive(block_size, "block_size", integer=True)
+        require_positive(batch_size, "batch_size", integer=True)
+        if block_size >= len(ids):
+            raise InputError(
+                f"block_size ({block_size}) must be smaller than the number of tokens "
+                f"({len(ids)}): a window needs block_size + 1 tokens; use a shorter block_size "
+                "or more text"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InputTypeError(f"seed must be an int >= 0, got {seed!r}")
+        self.ids = ids
+        self.block_size = int(block_size)
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.device = torch.device(device)
+        self.step = 0  # batches drawn so far
+
+    def __iter__(self) -> TokenBatchSampler:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        rng = np.random.default_rng([self.seed, self.step])
+        starts = rng.integers(0, len(self.ids) - self.block_size, size=self.batch_size)
+        self.step += 1
+        window = starts[:, None] + np.arange(self.block_size)
+        x = torch.from_numpy(self.ids[window].astype(np.int64))
+        y = torch.from_numpy(self.ids[window + 1].astype(np.int64))
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the sampler is: the seed and the number of batches drawn, plus the shape of
+        what it samples (checked on load)."""
+        return {"seed": self.seed, "step": self.step, "num_tokens": len(self.ids),
+                "block_size": self.block_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`; the token count, block and batch sizes must match this one's."""
+        mine = self.state_dict()
+        if set(state) != set(mine):
+            raise InputError(f"a sampler state has the keys {sorted(mine)}, got {sorted(state)}")
+        for key in ("num_tokens", "block_size", "batch_size"):
+            if state[key] != mine[key]:
+                raise InputError(
+                    f"the saved sampler had {key}={state[key]}, this one has {mine[key]}; resume "
+                    "with the same data and batch shape, or the batches would not continue the run"
+                )
+        self.seed, self.step = int(state["seed"]), int(state["step"])
