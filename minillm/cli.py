@@ -80,12 +80,20 @@ def _train(args) -> int:
 
     from minillm.train import Trainer, load_config
 
-    config = load_config(args.config, args.set)
+    path = args.config
+    if path == DEFAULT_TRAIN_CONFIG and not path.exists():  # run from outside the checkout
+        from minillm.utils import repo_root
+
+        path = repo_root() / DEFAULT_TRAIN_CONFIG
+    config = load_config(path, args.set)
     if args.fresh:
         shutil.rmtree(config.out_dir, ignore_errors=True)
     result = Trainer(config).fit()
-    print(f"step {result.step}: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
-          f" ({result.seconds:.0f} s, {result.tokens_per_s:,.0f} tokens/s); run folder {result.run_dir}")
+    print(
+        f"step {result.step}: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
+        f" ({result.seconds:.0f} s, {result.tokens_per_s:,.0f} tokens/s)"
+        f"; run folder {result.run_dir}"
+    )
     if result.sample is not None:
         print("--- sample ---")
         print(result.sample)
@@ -97,14 +105,24 @@ def _sample(args) -> int:
     from minillm.train import pick_device
 
     model, tokenizer = load_for_sampling(args.checkpoint, pick_device(args.device))
-    print(generate_text(model, tokenizer, args.prompt, args.tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed))
+    print(
+        generate_text(
+            model,
+            tokenizer,
+            args.prompt,
+            args.tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minillm", description="minillm: train and serve a small GPT, from raw text to DeepSpeed."
+        prog="minillm",
+        description="minillm: train and serve a small GPT, from raw text to DeepSpeed.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -112,8 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when something needs fixing")
     p.set_defaults(run=_env)
 
-    p = sub.add_parser("setup-nltk", help="install NLTK's WordNet (download, or Debian packages offline)")
-    p.add_argument("--offline", action="store_true", help="skip nltk.download; use Debian's packages")
+    p = sub.add_parser(
+        "setup-nltk", help="install NLTK's WordNet (download, or Debian packages offline)"
+    )
+    p.add_argument(
+        "--offline", action="store_true", help="skip nltk.download; use Debian's packages"
+    )
     p.set_defaults(run=_setup_nltk)
 
     p = sub.add_parser("data", help="list, download or locate the course corpora")
@@ -122,16 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_data)
 
     p = sub.add_parser("train", help="train the course GPT (default: character-level Shakespeare)")
-    p.add_argument("--config", type=Path, default=DEFAULT_TRAIN_CONFIG,
-                   help="a YAML file of TrainConfig fields (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.n_layer=6 (repeatable)")
-    p.add_argument("--fresh", action="store_true",
-                   help="delete the run folder first instead of resuming from its last checkpoint")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_TRAIN_CONFIG,
+        help="a YAML file of TrainConfig fields (default: %(default)s)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.n_layer=6 (repeatable)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the run folder first instead of resuming from its last checkpoint",
+    )
     p.set_defaults(run=_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a run folder or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="a run folder or a checkpoint folder"
+    )
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--tokens", type=int, default=300, help="how many tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -142,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grade", help="grade the exercises: points per chapter, Gradescope JSON")
     p.add_argument("chapters", nargs="*", metavar="chNN", help="chapters to grade (default: all)")
-    p.add_argument("--impl", choices=["exercises", "solutions"], default="exercises",
-                   help="grade your exercises/ (default) or the reference solutions/")
+    p.add_argument(
+        "--impl",
+        choices=["exercises", "solutions"],
+        default="exercises",
+        help="grade your exercises/ (default) or the reference solutions/",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="write Gradescope's results.json here")
     p.add_argument("--quiet", action="store_true", help="only the table")
     p.set_defaults(run=_grade)

@@ -40,7 +40,9 @@ def _check_value(value: Any, kind: Any, where: str) -> Any:
                     return _check_value(value, option, where)
                 except InputTypeError:
                     continue
-        raise InputTypeError(f"{where} must be one of {[_type_name(o) for o in options]}, got {value!r}")
+        raise InputTypeError(
+            f"{where} must be one of {[_type_name(o) for o in options]}, got {value!r}"
+        )
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
@@ -48,7 +50,9 @@ def _check_value(value: Any, kind: Any, where: str) -> Any:
     if kind in (int, float, str, bool) and not (
         isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     ):
-        raise InputTypeError(f"{where} must be {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+        raise InputTypeError(
+            f"{where} must be {_type_name(kind)}, got {value!r} ({type(value).__name__})"
+        )
     return value
 
 
@@ -56,7 +60,9 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
     """An instance of dataclass `cls` from a nested dict; missing keys keep their defaults."""
     data = {} if data is None else data
     if not isinstance(data, Mapping):
-        raise InputTypeError(f"{where or cls.__name__} must be a mapping of keys to values, got {data!r}")
+        raise InputTypeError(
+            f"{where or cls.__name__} must be a mapping of keys to values, got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [key for key in data if key not in names]

@@ -123,7 +123,12 @@ def load_text(name: str = "tinyshakespeare", *, progress: bool = True) -> str:
 
 
 def download(
-    url: str, dest: Path, *, sha256: str, size: int | None = None, progress: bool = True,
+    url: str,
+    dest: Path,
+    *,
+    sha256: str,
+    size: int | None = None,
+    progress: bool = True,
     timeout_s: float = 30.0,
 ) -> Path:
     """Stream `url` to `dest`, verifying `size` (if given) and `sha256` before it appears there."""
@@ -139,7 +144,9 @@ def download(
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response, open(part, "wb") as out:
             total = size or int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
@@ -195,8 +202,10 @@ def load_tokens(name: str, tokenizer: Tokenizer, *, progress: bool = True) -> np
     path = tokens_path(name, tokenizer)
     if path.is_file():
         return np.load(path)
-    ids = np.asarray(tokenizer.encode(load_text(name, progress=progress)),
-                     dtype=token_dtype(tokenizer.vocab_size))
+    ids = np.asarray(
+        tokenizer.encode(load_text(name, progress=progress)),
+        dtype=token_dtype(tokenizer.vocab_size),
+    )
     part = path.with_name(path.name + ".part")  # renamed into place once whole, like downloads
     with open(part, "wb") as f:
         np.save(f, ids)
@@ -239,7 +248,12 @@ class TokenBatchSampler:
     """
 
     def __init__(
-        self, ids: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
+        self,
+        ids: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
         device: str | torch.device = "cpu",
     ):
         import torch  # here, not at the top: `minillm data` should not wait for torch
@@ -284,8 +298,13 @@ class TokenBatchSampler:
     def state_dict(self) -> dict[str, int]:
         """Where the sampler is: the seed and the number of batches drawn, plus the shape of
         what it samples (checked on load)."""
-        return {"seed": self.seed, "step": self.step, "num_tokens": len(self.ids),
-                "block_size": self.block_size, "batch_size": self.batch_size}
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "num_tokens": len(self.ids),
+            "block_size": self.block_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from `state`; the token count, block and batch sizes must match this one's."""

@@ -16,7 +16,7 @@ OK, NOTE, FIX = "OK", "NOTE", "FIX"
 # DeepSpeed ops the course uses, and what each is for.
 _COURSE_OPS = {
     "deepspeed_shm_comm": "CPU all-reduce used by every multi-process run on CPU",
-    "fused_adam": "DeepSpeed's Adam (configs with \"torch_adam\": true avoid it)",
+    "fused_adam": 'DeepSpeed\'s Adam (configs with "torch_adam": true avoid it)',
     "cpu_adam": "ZeRO-Offload's optimizer",
     "async_io": "NVMe offload",
 }
@@ -52,7 +52,7 @@ def _jit_built(op: str) -> bool:
 
 def check_python() -> Check:
     version = platform.python_version()
-    if sys.version_info >= (3, 11):
+    if sys.version_info >= (3, 11):  # noqa: UP036 - the report must also run on an old Python
         return Check("python", OK, f"{version} ({sys.executable})")
     return Check("python", FIX, f"{version}: the course needs Python 3.11 or newer")
 
@@ -76,17 +76,26 @@ def check_torch() -> list[Check]:
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         checks.append(Check("gpu", OK, "Apple MPS"))
     else:
-        checks.append(Check(
-            "gpu", NOTE, "none: everything runs on the CPU; for a GPU lab use Colab (docs in README)"
-        ))
+        checks.append(
+            Check(
+                "gpu",
+                NOTE,
+                "none: everything runs on the CPU; for a GPU lab use Colab (docs in README)",
+            )
+        )
     return checks
 
 
 def check_deepspeed() -> list[Check]:
     version = _version("deepspeed")
     if version is None:
-        return [Check("deepspeed", NOTE if sys.platform != "linux" else FIX,
-                      "not installed: pip install deepspeed (Linux; needed from chapter 09)")]
+        return [
+            Check(
+                "deepspeed",
+                NOTE if sys.platform != "linux" else FIX,
+                "not installed: pip install deepspeed (Linux; needed from chapter 09)",
+            )
+        ]
     # DeepSpeed logs its accelerator choice on import; the report says it in one line instead.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import logging
@@ -97,7 +106,9 @@ def check_deepspeed() -> list[Check]:
 
         accelerator = get_accelerator()
         backend = accelerator.communication_backend_name()
-        checks = [Check("deepspeed", OK, f"{version}, accelerator {accelerator._name}, backend {backend}")]
+        checks = [
+            Check("deepspeed", OK, f"{version}, accelerator {accelerator._name}, backend {backend}")
+        ]
         from deepspeed.git_version_info import installed_ops
 
         for op, use in _COURSE_OPS.items():
@@ -110,12 +121,18 @@ def check_deepspeed() -> list[Check]:
             elif installed_ops.get(op) or _jit_built(op):
                 checks.append(Check(f"  {op}", OK, f"built; {use}"))
             else:
-                checks.append(Check(
-                    f"  {op}", NOTE, f"compiles on first use (1-2 min, cached after); {use}"
-                ))
+                checks.append(
+                    Check(f"  {op}", NOTE, f"compiles on first use (1-2 min, cached after); {use}")
+                )
     if accelerator._name == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
-        checks.append(Check("  threads", NOTE, "set OMP_NUM_THREADS=1 before `deepspeed` launches "
-                                               "(the launcher leaves it unset; steps run 2-25x slower)"))
+        checks.append(
+            Check(
+                "  threads",
+                NOTE,
+                "set OMP_NUM_THREADS=1 before `deepspeed` launches "
+                "(the launcher leaves it unset; steps run 2-25x slower)",
+            )
+        )
     return checks
 
 
@@ -134,7 +151,9 @@ def check_wordnet() -> Check:
     where = wordnet_status()
     if where:
         return Check("nltk wordnet", OK, where)
-    return Check("nltk wordnet", FIX, f"missing: run `{SETUP_STEP}` (chapter 01 lemmatises with it)")
+    return Check(
+        "nltk wordnet", FIX, f"missing: run `{SETUP_STEP}` (chapter 01 lemmatises with it)"
+    )
 
 
 def check_data() -> list[Check]:
@@ -146,11 +165,22 @@ def check_data() -> list[Check]:
             size = cached_path(name).stat().st_size
             checks.append(Check(f"  {name}", OK, f"{size:,} bytes, sha256 verified"))
         elif cached_path(name).exists():
-            checks.append(Check(f"  {name}", FIX, "checksum mismatch: run `minillm data download "
-                                                  f"{name}` to fetch it again"))
+            checks.append(
+                Check(
+                    f"  {name}",
+                    FIX,
+                    f"checksum mismatch: run `minillm data download {name}` to fetch it again",
+                )
+            )
         else:
-            checks.append(Check(f"  {name}", NOTE, f"not downloaded yet: `minillm data download "
-                                                   f"{name}` (or it downloads on first use)"))
+            checks.append(
+                Check(
+                    f"  {name}",
+                    NOTE,
+                    f"not downloaded yet: `minillm data download "
+                    f"{name}` (or it downloads on first use)",
+                )
+            )
     return checks
 
 

@@ -47,7 +47,9 @@ def as_float_array(
     if arr.size < min_size:
         raise InputError(f"{name} needs at least {min_size} value(s), got {arr.size}")
     if np.isinf(arr).any():
-        raise InputError(f"{name} contains an infinite value at index {int(np.isinf(arr).argmax())}")
+        raise InputError(
+            f"{name} contains an infinite value at index {int(np.isinf(arr).argmax())}"
+        )
     if not allow_nan and np.isnan(arr).any():
         raise InputError(
             f"{name} contains NaN at index {int(np.isnan(arr).argmax())}; fill or drop missing "

@@ -52,8 +52,18 @@ def graded_files(root: Path) -> dict[str, Path]:
 
 def _run_pytest(root: Path, targets: list[str], impl: str, log: Path) -> int:
     command = [
-        sys.executable, "-m", "pytest", *targets, f"--impl={impl}", "-p", "minillm._grading_plugin",
-        "-p", "no:cacheprovider", "-q", "--no-header", "-rN",
+        sys.executable,
+        "-m",
+        "pytest",
+        *targets,
+        f"--impl={impl}",
+        "-p",
+        "minillm._grading_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--no-header",
+        "-rN",
     ]
     env = {**os.environ, "MINILLM_GRADE_LOG": str(log), "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True).returncode
@@ -106,10 +116,17 @@ def chapter_table(tests: list[GradedTest]) -> str:
     for chapter in [*chapters, "total"]:
         group = [t for t in tests if chapter in ("total", t.chapter)]
         passed = sum(t.passed for t in group)
-        rows.append((chapter, f"{passed}/{len(group)}",
-                     f"{sum(t.score for t in group):g}/{sum(t.points for t in group):g}"))
+        rows.append(
+            (
+                chapter,
+                f"{passed}/{len(group)}",
+                f"{sum(t.score for t in group):g}/{sum(t.points for t in group):g}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
 
 
 def gradescope_results(tests: list[GradedTest], seconds: float) -> dict:
@@ -131,7 +148,9 @@ def gradescope_results(tests: list[GradedTest], seconds: float) -> dict:
     }
 
 
-def grade(root: Path, chapters: list[str], impl: str, json_path: Path | None = None) -> list[GradedTest]:
+def grade(
+    root: Path, chapters: list[str], impl: str, json_path: Path | None = None
+) -> list[GradedTest]:
     start = time.perf_counter()
     tests = run_graded_tests(root, chapters, impl)
     if json_path is not None:
@@ -139,5 +158,3 @@ def grade(root: Path, chapters: list[str], impl: str, json_path: Path | None = N
         results = gradescope_results(tests, time.perf_counter() - start)
         json_path.write_text(json.dumps(results, indent=2))
     return tests
-
-

@@ -32,11 +32,15 @@ def chapter_notebooks(root: Path) -> list[Path]:
     """The numbered chapter notebooks under `root/chapters`, in order."""
     found = sorted((root / "chapters").glob("[0-9][0-9]_*.ipynb"))
     if not found:
-        raise InputError(f"no chapter notebooks in {root / 'chapters'}; run this from the repository")
+        raise InputError(
+            f"no chapter notebooks in {root / 'chapters'}; run this from the repository"
+        )
     return found
 
 
-def execute_notebook(path: Path, *, write: bool, timeout_s: float = NOTEBOOK_BUDGET_S) -> NotebookRun:
+def execute_notebook(
+    path: Path, *, write: bool, timeout_s: float = NOTEBOOK_BUDGET_S
+) -> NotebookRun:
     """Run `path` in a fresh kernel started in its own folder; write outputs back if `write`."""
     import nbformat
     from nbclient import NotebookClient

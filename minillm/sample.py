@@ -15,8 +15,16 @@ from minillm.tokenizer import load as load_tokenizer
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
-                  temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> str:
+def generate_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
     """`prompt` followed by `max_new_tokens` sampled tokens, decoded. The same seed gives the
     same text; temperature 0 is greedy decoding."""
     require_text(prompt, "prompt")
@@ -33,13 +41,20 @@ def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens:
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens,
-                         temperature=temperature, top_k=top_k, generator=generator)
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+    )
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 
 
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+def load_for_sampling(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a checkpoint folder, or of a run folder's latest checkpoint."""
     folder = checkpoint.resolve(Path(path))
     config = checkpoint.load_config(folder)
@@ -47,5 +62,7 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> t
     checkpoint.load_weights(folder, model)
     tokenizer_file = folder / TOKENIZER_FILE
     if not tokenizer_file.is_file():
-        raise checkpoint.CheckpointError(f"{folder} has no {TOKENIZER_FILE}; it cannot decode samples")
+        raise checkpoint.CheckpointError(
+            f"{folder} has no {TOKENIZER_FILE}; it cannot decode samples"
+        )
     return model, load_tokenizer(tokenizer_file)

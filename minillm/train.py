@@ -72,8 +72,14 @@ class TrainConfig:
     sample_prompt: str = "\n"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
-                     "checkpoint_interval"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "checkpoint_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
@@ -114,7 +120,9 @@ def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
     if step < optim.warmup_iters:
         return optim.learning_rate * (step + 1) / optim.warmup_iters
     progress = min(1.0, (step - optim.warmup_iters) / max(1, max_iters - optim.warmup_iters))
-    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optim.learning_rate - optim.min_lr)
+    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        optim.learning_rate - optim.min_lr
+    )
 
 
 class PlainEngine:
@@ -132,7 +140,9 @@ class PlainEngine:
             self.optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate
         )
         if config.precision == "fp16" and device.type != "cuda":
-            raise InputError("precision fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32")
+            raise InputError(
+                "precision fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32"
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self._autocast = (
@@ -157,7 +167,9 @@ class PlainEngine:
             return None
         self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.module.parameters(), clip if clip > 0 else math.inf
+        )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,13 +181,25 @@ class PlainEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer into the run folder when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class TrainingDiverged(MiniLLMError):
@@ -221,7 +245,8 @@ class Trainer:
         self.tokenizer = self._tokenizer(text)
         if self.tokenizer.vocab_size > c.model.vocab_size:
             raise InputError(
-                f"the {c.data.tokenizer} tokenizer of {c.data.corpus} has {self.tokenizer.vocab_size} "
+                f"the {c.data.tokenizer} tokenizer of {c.data.corpus} has "
+                f"{self.tokenizer.vocab_size} "
                 f"tokens but model.vocab_size is {c.model.vocab_size}; set model.vocab_size="
                 f"{self.tokenizer.vocab_size}"
             )
@@ -230,6 +255,7 @@ class Trainer:
         self.engine = engine_factory(self.model, c, self.device)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self._tensorboard = _tensorboard_writer(self.run_dir)
 
     # -- data and tokenizer ------------------------------------------------------------------
     def _tokenizer(self, text: str) -> Tokenizer:
@@ -244,8 +270,9 @@ class Trainer:
         c = self.config
         ids = data.load_tokens(c.data.corpus, self.tokenizer, progress=self.progress)
         train_ids, val_ids = data.train_val_split(ids, c.data.val_fraction)
-        sampler = data.TokenBatchSampler(train_ids, c.model.block_size, c.batch_size, seed=c.seed,
-                                         device=self.device)
+        sampler = data.TokenBatchSampler(
+            train_ids, c.model.block_size, c.batch_size, seed=c.seed, device=self.device
+        )
         return sampler, val_ids, train_ids
 
     # -- the loop ----------------------------------------------------------------------------
@@ -254,24 +281,38 @@ class Trainer:
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
         evaluation = {}
-        bar = tqdm(total=c.max_iters, initial=self.step, desc="training", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=c.max_iters,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         with bar:
             while self.step < c.max_iters:
                 tick = time.perf_counter()
-                loss, norm = self._train_step()
+                loss, norm, lr = self._train_step()
                 self.step += 1
                 tokens_per_s = c.tokens_per_step / (time.perf_counter() - tick)
-                self._log(self.METRICS, self.FIELDS,
-                          (self.step, loss, self.engine.lr, norm, round(tokens_per_s)))
+                self._log(
+                    self.METRICS,
+                    self.FIELDS,
+                    (self.step, loss, lr, norm, round(tokens_per_s)),
+                )
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 bar.update()
                 if self.step % c.eval_interval == 0 or self.step == c.max_iters:
                     evaluation = self.evaluate()
-                    self._log(self.EVALS, self.EVAL_FIELDS,
-                              (self.step, evaluation["train"], evaluation["val"]))
-                    bar.write(f"step {self.step}: train loss {evaluation['train']:.4f}, "
-                              f"val loss {evaluation['val']:.4f}")
+                    self._log(
+                        self.EVALS,
+                        self.EVAL_FIELDS,
+                        (self.step, evaluation["train"], evaluation["val"]),
+                    )
+                    bar.write(
+                        f"step {self.step}: train loss {evaluation['train']:.4f}, "
+                        f"val loss {evaluation['val']:.4f}"
+                    )
                 if self.step % c.checkpoint_interval == 0 or self.step == c.max_iters:
                     self.save_checkpoint()
         seconds = time.perf_counter() - start
@@ -279,10 +320,18 @@ class Trainer:
             evaluation = self.evaluate()
         steps = self.step - start_step
         sample = self.sample(c.sample_prompt, c.sample_tokens) if c.sample_tokens else None
-        return TrainResult(self.run_dir, self.step, evaluation["train"], evaluation["val"], seconds,
-                           steps * c.tokens_per_step / seconds if steps else 0.0, sample)
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            evaluation["train"],
+            evaluation["val"],
+            seconds,
+            steps * c.tokens_per_step / seconds if steps else 0.0,
+            sample,
+        )
 
-    def _train_step(self) -> tuple[float, float]:
+    def _train_step(self) -> tuple[float, float, float]:
+        """One optimizer step: (mean loss, gradient norm before clipping, learning rate used)."""
         self.model.train()
         total = 0.0
         for _ in range(self.config.grad_accum):
@@ -297,8 +346,9 @@ class Trainer:
                 )
             self.engine.backward(loss)
             total += loss.item()
+        lr = self.engine.lr  # the rate this update uses; step() moves the schedule on
         norm = self.engine.step()
-        return total / self.config.grad_accum, norm
+        return total / self.config.grad_accum, norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -309,21 +359,39 @@ class Trainer:
         c = self.config
         result = {}
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
-            sampler = data.TokenBatchSampler(tokens, c.model.block_size, c.batch_size,
-                                             seed=c.seed + 1, device=self.device)
+            sampler = data.TokenBatchSampler(
+                tokens, c.model.block_size, c.batch_size, seed=c.seed + 1, device=self.device
+            )
             losses = [self.engine.forward(*next(sampler)).item() for _ in range(c.eval_iters)]
             result[split] = sum(losses) / len(losses)
         self.model.train()
         return result
 
-    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int | None = None, seed: int | None = None) -> str:
-        return generate_text(self.model, self.tokenizer, prompt, max_new_tokens,
-                             temperature=temperature, top_k=top_k,
-                             seed=self.config.seed if seed is None else seed)
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> str:
+        return generate_text(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=self.config.seed if seed is None else seed,
+        )
 
     # -- metrics -----------------------------------------------------------------------------
     def _log(self, name: str, fields: tuple[str, ...], row: tuple) -> None:
+        if self._tensorboard is not None:
+            group = name.removesuffix(".csv")
+            for key, value in zip(fields[1:], row[1:], strict=True):
+                if value is not None:
+                    self._tensorboard.add_scalar(f"{group}/{key}", value, row[0])
         path = self.run_dir / name
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -350,8 +418,14 @@ class Trainer:
             "data": self.train_batches.state_dict(),
             "rng": checkpoint.rng_state(),
         }
-        path = checkpoint.save(self.run_dir, self.step, self.model, state, to_dict(self.config),
-                               keep=self.config.keep_checkpoints)
+        path = checkpoint.save(
+            self.run_dir,
+            self.step,
+            self.model,
+            state,
+            to_dict(self.config),
+            keep=self.config.keep_checkpoints,
+        )
         self.tokenizer.save(path / TOKENIZER_FILE)
         self.last_checkpoint = path
         return path
@@ -394,7 +468,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], list[dict
 
 
 def plot_curves(run_dir: str | Path, ax=None):
-    """Training loss per step (light), its running mean, and the evaluated train/val losses."""
+    """Training loss per step (light), its running mean, and the evaluated train and validation
+    losses (markers)."""
     import matplotlib.pyplot as plt
 
     steps, evals = read_metrics(run_dir)
@@ -405,12 +480,26 @@ def plot_curves(run_dir: str | Path, ax=None):
         y = [r["loss"] for r in steps]
         ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (each step)")
         window = max(1, len(y) // 50)
-        smooth = [sum(y[max(0, i - window + 1): i + 1]) / len(y[max(0, i - window + 1): i + 1])
-                  for i in range(len(y))]
+        smooth = [
+            sum(y[max(0, i - window + 1) : i + 1]) / len(y[max(0, i - window + 1) : i + 1])
+            for i in range(len(y))
+        ]
         ax.plot(x, smooth, color="tab:blue", lw=1.5, label=f"train loss (mean of {window})")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
-                color="tab:orange", label="validation loss")
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["train_loss"] for r in evals],
+            "s--",
+            color="tab:green",
+            label="train loss (evaluated)",
+        )
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["val_loss"] for r in evals],
+            "o-",
+            color="tab:orange",
+            label="validation loss",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats per token)")
     ax.legend()

@@ -25,15 +25,21 @@ SETUP_STEP = "minillm setup-nltk"
 # 1 noun, 2 verb, 3 adjective, 4 adverb. NLTK reads this as `lexnames`: "NN<TAB>name<TAB>cat".
 _LEXNAMES = (
     ["adj.all", "adj.pert", "adv.all", "noun.Tops"]
-    + [f"noun.{n}" for n in (
-        "act animal artifact attribute body cognition communication event feeling food group "
-        "location motive object person phenomenon plant possession process quantity relation "
-        "shape state substance time"
-    ).split()]
-    + [f"verb.{n}" for n in (
-        "body change cognition communication competition consumption contact creation emotion "
-        "motion perception possession social stative weather"
-    ).split()]
+    + [
+        f"noun.{n}"
+        for n in (
+            "act animal artifact attribute body cognition communication event feeling food group "
+            "location motive object person phenomenon plant possession process quantity relation "
+            "shape state substance time"
+        ).split()
+    ]
+    + [
+        f"verb.{n}"
+        for n in (
+            "body change cognition communication competition consumption contact creation emotion "
+            "motion perception possession social stative weather"
+        ).split()
+    ]
     + ["adj.ppl"]
 )
 _CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
@@ -119,7 +125,10 @@ def setup_wordnet(*, allow_download: bool = True) -> str:
 
         try:
             # nltk prints its own error lines even when quiet; this function says what happened.
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 nltk.download("wordnet", quiet=True, raise_on_error=True)
             if where := wordnet_status():
                 return f"WordNet downloaded by nltk to {where}"

@@ -1,1 +1,2 @@
-"""Reference answers to the graded exercises (`minillm grade --impl solutions` scores full marks)."""
+"""Reference answers to the graded exercises: `minillm grade --impl solutions` scores full
+marks."""

@@ -7,8 +7,9 @@ import pytest
 
 
 def minillm(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minillm.cli", *args], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "minillm.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_help_lists_the_subcommands():
@@ -25,10 +26,16 @@ def test_env_prints_one_status_per_line():
     assert all(line.startswith(("[  OK]", "[NOTE]", "[ FIX]")) for line in lines[:-1])
 
 
-@pytest.mark.parametrize("args, message", [
-    (("data", "download", "tiny_shakespear"), "unknown corpus 'tiny_shakespear'; choose one of: tinyshakespeare"),
-    (("grade", "ch99"), "unknown chapter with graded exercises 'ch99'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("data", "download", "tiny_shakespear"),
+            "unknown corpus 'tiny_shakespear'; choose one of: tinyshakespeare",
+        ),
+        (("grade", "ch99"), "unknown chapter with graded exercises 'ch99'"),
+    ],
+)
 def test_bad_input_is_one_clear_line_not_a_traceback(args, message):
     run = minillm(*args)
     assert run.returncode == 2
@@ -43,8 +50,13 @@ def test_grade_outside_the_repository_says_where_to_run_it(tmp_path, monkeypatch
     import minillm
 
     shutil.copytree(Path(minillm.__file__).parent, tmp_path / "pkg" / "minillm")
-    run = subprocess.run([sys.executable, "-m", "minillm.cli", "grade"], capture_output=True,
-                         text=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "pkg"), "PATH": ""})
+    run = subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "grade"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "pkg"), "PATH": ""},
+    )
     assert run.returncode == 2 and "course repository" in run.stderr
 
 

@@ -17,7 +17,9 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = {"/good": PAYLOAD, "/tampered": PAYLOAD.replace(b"question", b"answer!!")}.get(self.path)
+        body = {"/good": PAYLOAD, "/tampered": PAYLOAD.replace(b"question", b"answer!!")}.get(
+            self.path
+        )
         self.send_response(200 if body is not None or self.path == "/cut" else 404)
         self.send_header("Content-Length", str(len(PAYLOAD)))
         self.end_headers()
@@ -92,17 +94,23 @@ def test_missing_file_on_server_is_a_clear_error(corpus):
 
 def test_server_down_with_nothing_cached_says_how_to_get_the_file(corpus, monkeypatch):
     entry = corpus("/good")
-    monkeypatch.setitem(data.CORPORA, "hamlet", data.Corpus(**{**entry.__dict__, "url": _closed_port_url()}))
+    monkeypatch.setitem(
+        data.CORPORA, "hamlet", data.Corpus(**{**entry.__dict__, "url": _closed_port_url()})
+    )
     with pytest.raises(data.DownloadError) as err:
         data.fetch("hamlet", progress=False)
     message = str(err.value)
-    assert str(data.cached_path("hamlet")) in message and SHA in message and "MINILLM_DATA" in message
+    assert (
+        str(data.cached_path("hamlet")) in message and SHA in message and "MINILLM_DATA" in message
+    )
 
 
 def test_cached_file_is_used_offline(corpus, monkeypatch):
     entry = corpus("/good")
     data.fetch("hamlet", progress=False)
-    monkeypatch.setitem(data.CORPORA, "hamlet", data.Corpus(**{**entry.__dict__, "url": _closed_port_url()}))
+    monkeypatch.setitem(
+        data.CORPORA, "hamlet", data.Corpus(**{**entry.__dict__, "url": _closed_port_url()})
+    )
     assert data.load_text("hamlet", progress=False) == PAYLOAD.decode()
 
 

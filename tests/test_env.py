@@ -8,8 +8,17 @@ from minillm.env import FIX, NOTE, OK, check_data, environment_report, format_re
 
 def test_report_covers_versions_devices_deepspeed_nltk_and_data():
     checks = {c.name.strip(): c for c in environment_report()}
-    for name in ("python", "torch", "cpu", "gpu", "deepspeed", "transformers", "nltk wordnet",
-                 "data cache", "deepspeed_shm_comm"):
+    for name in (
+        "python",
+        "torch",
+        "cpu",
+        "gpu",
+        "deepspeed",
+        "transformers",
+        "nltk wordnet",
+        "data cache",
+        "deepspeed_shm_comm",
+    ):
         assert name in checks, name
     assert checks["python"].status == OK
     assert "accelerator" in checks["deepspeed"].detail and "backend" in checks["deepspeed"].detail
@@ -26,7 +35,10 @@ def test_data_lines_reflect_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MINILLM_DATA", str(tmp_path))
     by_name = {c.name.strip(): c for c in check_data()}
     assert str(tmp_path) in by_name["data cache"].detail
-    assert by_name["tinyshakespeare"].status == NOTE and "minillm data download" in by_name["tinyshakespeare"].detail
+    assert (
+        by_name["tinyshakespeare"].status == NOTE
+        and "minillm data download" in by_name["tinyshakespeare"].detail
+    )
 
     path = data.cached_path("tinyshakespeare")
     path.parent.mkdir(parents=True)

@@ -15,7 +15,7 @@ from minillm.grading import chapter_table, grade, graded_files
 
 REPO = Path(__file__).resolve().parents[1]
 
-DEMO_TESTS = '''
+DEMO_TESTS = """
 import os
 import time
 
@@ -51,9 +51,9 @@ def test_crashes_on_stub(ex):
 @pytest.mark.points(5)
 def test_after_the_crash(ex):
     assert ex.add(0, 0) == 0
-'''
+"""
 
-DEMO_SOLUTION = '''
+DEMO_SOLUTION = """
 def add(a, b):
     return a + b
 
@@ -64,9 +64,9 @@ def hang():
 
 def crash():
     return "fine"
-'''
+"""
 
-DEMO_STUDENT = '''
+DEMO_STUDENT = """
 import os
 import time
 
@@ -82,7 +82,7 @@ def hang():
 
 def crash():
     os._exit(3)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +91,22 @@ def demo_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("course")
     (root / "tests" / "exercises").mkdir(parents=True)
     shutil.copy(REPO / "tests" / "conftest.py", root / "tests" / "conftest.py")
-    shutil.copy(REPO / "tests" / "exercises" / "conftest.py", root / "tests" / "exercises" / "conftest.py")
+    shutil.copy(
+        REPO / "tests" / "exercises" / "conftest.py", root / "tests" / "exercises" / "conftest.py"
+    )
     (root / "tests" / "exercises" / "test_ch98_demo.py").write_text(DEMO_TESTS)
     for package, body in (("exercises", DEMO_STUDENT), ("solutions", DEMO_SOLUTION)):
         (root / package).mkdir()
         (root / package / "__init__.py").write_text("")
         (root / package / "ch98_demo.py").write_text(body)
-    (root / "pytest.ini").write_text(textwrap.dedent("""
+    (root / "pytest.ini").write_text(
+        textwrap.dedent("""
         [pytest]
         pythonpath = .
         markers =
             points(n): points
-    """))
+    """)
+    )
     return root
 
 
@@ -121,7 +125,9 @@ def test_a_hanging_or_crashing_function_costs_only_its_own_test(demo_repo):
     tests = {t.nodeid.rsplit("::", 1)[-1]: t for t in grade(demo_repo, ["ch98"], "exercises")}
     assert tests["test_add"].passed and tests["test_after_the_crash"].passed
     assert not tests["test_add_negative"].passed and "assert" in tests["test_add_negative"].output
-    assert not tests["test_hangs_on_stub"].passed and "Timeout" in tests["test_hangs_on_stub"].output
+    assert (
+        not tests["test_hangs_on_stub"].passed and "Timeout" in tests["test_hangs_on_stub"].output
+    )
     assert not tests["test_crashes_on_stub"].passed
     assert "died" in tests["test_crashes_on_stub"].output
     table = chapter_table(list(tests.values()))
@@ -138,16 +144,24 @@ def test_a_graded_test_without_points_is_refused(demo_repo, tmp_path):
     bad = demo_repo / "tests" / "exercises" / "test_ch97_nopoints.py"
     bad.write_text("def test_free():\n    assert True\n")
     try:
-        run = subprocess.run([sys.executable, "-m", "pytest", str(bad)], cwd=demo_repo,
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", str(bad)],
+            cwd=demo_repo,
+            capture_output=True,
+            text=True,
+        )
     finally:
         bad.unlink()
     assert run.returncode != 0 and "needs @pytest.mark.points" in run.stdout + run.stderr
 
 
 def _cli_grade(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minillm.cli", "grade", *args], cwd=REPO,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "grade", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_reference_solutions_score_full_marks(tmp_path):
@@ -161,13 +175,19 @@ def test_reference_solutions_score_full_marks(tmp_path):
 
 
 def _exercises_untouched() -> bool:
-    changed = subprocess.run(["git", "status", "--porcelain", "--", "exercises"], cwd=REPO,
-                             capture_output=True, text=True)
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "exercises"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     return changed.returncode != 0 or changed.stdout.strip() == ""
 
 
-@pytest.mark.skipif(not _exercises_untouched(),
-                    reason="exercises/ holds your own answers; the stub check runs on a clean checkout")
+@pytest.mark.skipif(
+    not _exercises_untouched(),
+    reason="exercises/ holds your own answers; the stub check runs on a clean checkout",
+)
 def test_every_graded_test_fails_on_the_untouched_stubs(tmp_path):
     run = _cli_grade("--impl", "exercises", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr

@@ -29,9 +29,14 @@ def test_chapters_00_and_01_exist():
 def test_notebook_follows_the_chapter_template(path):
     cells = _cells(path)
     number = path.name[:2]
-    assert re.match(rf"# Chapter {number}: ", _source(cells[0])), "first cell: '# Chapter NN: Title'"
+    assert re.match(rf"# Chapter {number}: ", _source(cells[0])), (
+        "first cell: '# Chapter NN: Title'"
+    )
     assert "After this chapter you can" in _source(cells[0])
-    assert f"colab.research.google.com/github/minillm-course/minillm/blob/main/chapters/{path.name}" in _source(cells[0])
+    assert (
+        f"colab.research.google.com/github/minillm-course/minillm/blob/main/chapters/{path.name}"
+        in _source(cells[0])
+    )
     assert 'find_spec("minillm") is None' in _source(cells[1]), "second cell: the setup cell"
     markdown = "\n".join(_source(c) for c in cells if c["cell_type"] == "markdown")
     assert "## Summary" in markdown

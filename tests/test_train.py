@@ -31,15 +31,24 @@ from minillm.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
-    "batch_size=4", "max_iters=30", "eval_interval=15", "eval_iters=2", "checkpoint_interval=10",
-    "sample_tokens=0", "optim.warmup_iters=5",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=16",
+    "batch_size=4",
+    "max_iters=30",
+    "eval_interval=15",
+    "eval_iters=2",
+    "checkpoint_interval=10",
+    "sample_tokens=0",
+    "optim.warmup_iters=5",
 ]
 
 
 def tiny(tmp_path: Path, *extra: str) -> TrainConfig:
-    return load_config(REPO / "configs/train/shakespeare_char.yaml",
-                       [*TINY, f"out_dir={tmp_path / 'run'}", *extra])
+    return load_config(
+        REPO / "configs/train/shakespeare_char.yaml", [*TINY, f"out_dir={tmp_path / 'run'}", *extra]
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -47,6 +56,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 # -- configs ---------------------------------------------------------------------------------
+
 
 def test_default_config_file_is_the_main_job():
     config = load_config(REPO / "configs/train/shakespeare_char.yaml")
@@ -91,8 +101,9 @@ def test_missing_or_invalid_config_file(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
-    optim = load_config(None, ["optim.warmup_iters=10", "optim.learning_rate=1e-3",
-                               "optim.min_lr=1e-4"]).optim
+    optim = load_config(
+        None, ["optim.warmup_iters=10", "optim.learning_rate=1e-3", "optim.min_lr=1e-4"]
+    ).optim
     assert lr_at(0, optim, 100) == pytest.approx(1e-4)
     assert lr_at(9, optim, 100) == pytest.approx(1e-3)
     assert lr_at(55, optim, 100) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way down the cosine
@@ -100,7 +111,11 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 
 
 def test_device_choice():
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else ("mps" if torch.backends.mps.is_available() else "cpu")
+    )
     assert pick_device("auto").type == expected
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(InputError, match="unknown device"):
@@ -111,6 +126,7 @@ def test_device_choice():
 
 
 # -- training --------------------------------------------------------------------------------
+
 
 def test_same_seed_gives_identical_losses_and_training_learns(tmp_path):
     first = Trainer(tiny(tmp_path / "a"), progress=False).fit()
@@ -125,13 +141,14 @@ def test_same_seed_gives_identical_losses_and_training_learns(tmp_path):
 def test_gradient_accumulation_matches_the_big_batch(tmp_path):
     """4 micro-batches of 2 equal 1 batch of 8 when the sampler gives the same sequences."""
     big = Trainer(tiny(tmp_path / "big", "batch_size=8", "max_iters=3"), progress=False)
-    small = Trainer(tiny(tmp_path / "small", "batch_size=2", "grad_accum=4", "max_iters=3"),
-                    progress=False)
+    small = Trainer(
+        tiny(tmp_path / "small", "batch_size=2", "grad_accum=4", "max_iters=3"), progress=False
+    )
     x, y = next(big.train_batches)
-    small.train_batches = iter([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
+    small.train_batches = iter([(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
     big.train_batches = iter([(x, y)])
-    loss_big, norm_big = big._train_step()
-    loss_small, norm_small = small._train_step()
+    loss_big, norm_big, _ = big._train_step()
+    loss_small, norm_small, _ = small._train_step()
     assert loss_small == pytest.approx(loss_big, abs=1e-6)
     assert norm_small == pytest.approx(norm_big, rel=1e-5)
     for p, q in zip(big.model.parameters(), small.model.parameters(), strict=True):
@@ -168,11 +185,18 @@ def test_vocabulary_larger_than_the_model_is_refused(tmp_path):
 
 # -- checkpoints and resume ------------------------------------------------------------------
 
+
 def _train_command(run_dir: Path) -> list[str]:
     overrides = [*TINY, "max_iters=40", f"out_dir={run_dir}"]
-    return [sys.executable, "-m", "minillm.cli", "train",
-            "--config", str(REPO / "configs/train/shakespeare_char.yaml"),
-            *[arg for o in overrides for arg in ("--set", o)]]
+    return [
+        sys.executable,
+        "-m",
+        "minillm.cli",
+        "train",
+        "--config",
+        str(REPO / "configs/train/shakespeare_char.yaml"),
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -185,8 +209,9 @@ def test_killed_run_resumes_bitwise_identical_to_an_uninterrupted_one(tmp_path):
     subprocess.run(_train_command(whole), env=_env(), check=True, capture_output=True)
 
     kill_after = random.Random().randint(12, 35)  # anywhere, including between checkpoints
-    process = subprocess.Popen(_train_command(killed), env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_command(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         metrics = killed / "metrics.csv"
@@ -211,8 +236,12 @@ def test_checkpoint_is_complete_and_old_ones_are_pruned(tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(result.run_dir)]
     assert names == ["step_0000020", "step_0000030"]  # keep_checkpoints = 2
     latest = checkpoint.latest_checkpoint(result.run_dir)
-    assert {p.name for p in latest.iterdir()} == {"model.safetensors", "state.pt", "config.yaml",
-                                                  "tokenizer.json"}
+    assert {p.name for p in latest.iterdir()} == {
+        "model.safetensors",
+        "state.pt",
+        "config.yaml",
+        "tokenizer.json",
+    }
     (latest.parent / ".tmp-step_0000040").mkdir()  # a save killed half-way
     assert checkpoint.latest_checkpoint(result.run_dir) == latest
 
@@ -279,6 +308,7 @@ def test_resume_into_a_run_with_another_model_is_refused(finished_run):
 
 # -- sampling --------------------------------------------------------------------------------
 
+
 def test_sampling_is_repeatable_and_checks_the_prompt(finished_run):
     model, tokenizer = load_for_sampling(finished_run)
     first = generate_text(model, tokenizer, "ROMEO:", 40, seed=3)
@@ -293,16 +323,42 @@ def test_sampling_is_repeatable_and_checks_the_prompt(finished_run):
 
 
 def test_cli_sample_and_bad_key(finished_run):
-    run = subprocess.run([sys.executable, "-m", "minillm.cli", "sample", "--checkpoint",
-                          str(finished_run), "--prompt", "KING:", "--tokens", "30", "--top-k", "5"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm.cli",
+            "sample",
+            "--checkpoint",
+            str(finished_run),
+            "--prompt",
+            "KING:",
+            "--tokens",
+            "30",
+            "--top-k",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("KING:")
-    bad = subprocess.run([sys.executable, "-m", "minillm.cli", "train", "--set", "optim.lr=1"],
-                         capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "train", "--set", "optim.lr=1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and "learning_rate" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_metrics_rows_have_the_documented_columns(finished_run):
     with open(finished_run / "metrics.csv") as f:
         assert next(csv.reader(f)) == list(Trainer.FIELDS)
+
+
+def test_logged_learning_rate_is_the_one_each_update_used(finished_run):
+    config = load_config(finished_run / "checkpoints" / "step_0000010" / "config.yaml")
+    rows = read_metrics(finished_run)[0]
+    expected = [lr_at(int(r["step"]) - 1, config.optim, config.max_iters) for r in rows]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)

@@ -19,12 +19,16 @@ def test_lexnames_lists_the_45_lexicographer_files_with_categories():
     assert lines[44] == ["44", "adj.ppl", "3"]
 
 
-@pytest.mark.skipif(not (wordnet.DEBIAN_WORDNET_DIR / "data.noun").is_file(),
-                    reason="Debian's wordnet-base is not installed (setup used nltk.download)")
+@pytest.mark.skipif(
+    not (wordnet.DEBIAN_WORDNET_DIR / "data.noun").is_file(),
+    reason="Debian's wordnet-base is not installed (setup used nltk.download)",
+)
 def test_debian_files_plus_lexnames_give_nltk_a_working_wordnet(tmp_path, monkeypatch):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # NLTK reads only from its data path
     target = wordnet.install_from_debian(root=tmp_path)
-    assert (target / "lexnames").is_file() and not (tmp_path / "corpora" / "wordnet.partial").exists()
+    assert (target / "lexnames").is_file() and not (
+        tmp_path / "corpora" / "wordnet.partial"
+    ).exists()
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     reader = WordNetCorpusReader(nltk.data.find("corpora/wordnet"), None)

@@ -15,7 +15,9 @@ def pytest_collection_modifyitems(config, items):
             continue
         marker = item.get_closest_marker("points")
         if marker is None or not marker.args or marker.args[0] <= 0:
-            raise pytest.UsageError(f"graded test {item.nodeid} needs @pytest.mark.points(n), n > 0")
+            raise pytest.UsageError(
+                f"graded test {item.nodeid} needs @pytest.mark.points(n), n > 0"
+            )
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(GRADED_TEST_TIMEOUT_S))
 

@@ -1,0 +1,294 @@
+"""Chapter 05 exercises: the loss and the pieces of a training step, from torch primitives
+(reference answers).
+
+Replace each `raise NotImplementedError` with your code; `minillm grade ch05` grades them (the
+tests are in tests/exercises/test_ch05_training.py). Use torch operations, not `minillm.train` or
+`torch.nn.functional`'s losses: building these yourself is the point.
+
+Conventions as in the chapter: logits are `(..., V)` scores over a vocabulary of V tokens and
+targets `(...)` the ids of the true next tokens; a target equal to `ignore_index` (-100, torch's
+value) is left out of the loss. Losses are in nats (natural logarithm), averaged over the targets
+that count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy -log softmax(logits)[target] over the targets that count.
+
+    log softmax(z)_y = z_y - log sum_j exp(z_j), and log sum_j exp(z_j) = m + log sum_j exp(z_j - m)
+    for m = max_j z_j: after subtracting the maximum the largest exponent is exp(0) = 1, so nothing
+    overflows however large the logits are.
+
+    Args:
+        logits: `(..., V)`, e.g. `(batch, seq, vocab)`, floating point.
+        targets: `(...)` integer ids in [0, V), or `ignore_index` where nothing is to be learned
+            (at least one target counts).
+        ignore_index: targets with this value add nothing to the sum and are not counted in the
+            mean.
+
+    Returns:
+        A 0-d tensor: the sum of -log p(target) over the counted positions, divided by how many
+        positions count.
+
+    Example:
+        >>> logits = torch.tensor([[[0.0, 0.0, math.log(2.0)], [9.0, 0.0, 0.0]]])  # (1, 2, 3)
+        >>> cross_entropy(logits, torch.tensor([[2, -100]]))  # p(2) = 2 / (1 + 1 + 2) = 0.5
+        tensor(0.6931)
+    """
+    m = logits.amax(dim=-1, keepdim=True)
+    log_z = (logits - m).exp().sum(dim=-1).log() + m.squeeze(-1)  # (...)
+    keep = targets != ignore_index
+    safe = targets.masked_fill(~keep, 0)  # any valid id: those positions are dropped below
+    target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return (log_z - target_logit)[keep].mean()
+
+
+def perplexity(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> float:
+    """exp(mean cross-entropy): the number of tokens the model is, on average, choosing among.
+
+    It is the geometric mean of 1/p(target) over the counted positions (not the arithmetic mean),
+    and it is e to the loss in nats, not 2 to it. A model that gives every one of V tokens the
+    same probability has perplexity exactly V.
+
+    Args:
+        logits: `(..., V)`.
+        targets: `(...)`, with `ignore_index` where nothing counts.
+
+    Returns:
+        A float >= 1.
+
+    Example (all logits equal: uniform over 65 tokens):
+        >>> round(perplexity(torch.zeros(2, 3, 65), torch.zeros(2, 3, dtype=torch.long)), 3)
+        65.0
+    """
+    return math.exp(cross_entropy(logits, targets, ignore_index).item())
+
+
+def label_smoothed_cross_entropy(
+    logits: Tensor, targets: Tensor, smoothing: float, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """Cross-entropy against a smoothed target distribution, as `F.cross_entropy(...,
+    label_smoothing=smoothing)` computes it.
+
+    The target is no longer one-hot: every one of the V tokens (the true one included) gets
+    smoothing / V, and the true token gets 1 - smoothing on top. The loss is the cross-entropy
+    -sum_j q_j log p_j against that q, which equals
+
+        (1 - smoothing) * (-log p_target) + smoothing * mean_j(-log p_j).
+
+    Args:
+        logits: `(..., V)`.
+        targets: `(...)`, with `ignore_index` where nothing counts.
+        smoothing: in [0, 1); 0 gives the plain cross-entropy.
+
+    Returns:
+        A 0-d tensor, the mean over the counted positions.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 0.0, math.log(2.0)]])  # p = [0.25, 0.25, 0.5]
+        >>> label_smoothed_cross_entropy(logits, torch.tensor([2]), 0.3)  # 0.7*0.693 + 0.3*1.155
+        tensor(0.8318)
+    """
+    m = logits.amax(dim=-1, keepdim=True)
+    log_probs = logits - m - (logits - m).exp().sum(dim=-1, keepdim=True).log()
+    keep = targets != ignore_index
+    safe = targets.masked_fill(~keep, 0)
+    nll = -log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    spread = -log_probs.mean(dim=-1)  # the loss against the uniform distribution
+    return ((1 - smoothing) * nll + smoothing * spread)[keep].mean()
+
+
+def warmup_cosine_lr(
+    step: int, *, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int
+) -> float:
+    """The learning rate for optimizer step `step` (0 for the first update): linear warm-up, then
+    a half cosine down to `min_lr`.
+
+    - Warm-up, step < warmup_steps: max_lr * (step + 1) / warmup_steps, so the first update
+      already moves (never lr 0) and step warmup_steps - 1 uses max_lr.
+    - Decay, warmup_steps <= step <= max_steps: with progress = (step - warmup_steps) /
+      (max_steps - warmup_steps) going from 0 to 1, min_lr + (max_lr - min_lr) * (1 +
+      cos(pi * progress)) / 2, which is max_lr at the start and exactly min_lr at max_steps.
+    - After max_steps: min_lr (the cosine must not climb back up).
+
+    Example:
+        >>> [round(warmup_cosine_lr(s, max_lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=4), 3)
+        ...  for s in range(6)]
+        [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + (max_lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Scale all gradients together, in place, so that their global L2 norm is at most max_norm.
+
+    The global norm is one number for the whole model: the square root of the sum of the squares
+    of every entry of every gradient. When it exceeds `max_norm`, every gradient is multiplied by
+    the same factor max_norm / (norm + 1e-6) (the 1e-6 as in torch), which keeps the update's
+    direction and shortens it; otherwise nothing changes. Parameters whose `.grad` is None are
+    skipped.
+
+    Returns:
+        The global norm before clipping, as a float (what training logs show as grad_norm).
+
+    Example:
+        >>> a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+        >>> a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+        >>> clip_grad_norm([a, b], max_norm=1.0), a.grad, b.grad  # norm 5: both scaled by 1/5
+        (5.0, tensor([0.6000]), tensor([0.8000]))
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total.item()
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    micro_batches: Sequence[tuple[Tensor, Tensor]],
+) -> float:
+    """Fill every parameter's `.grad` with the gradient of the whole batch, one micro-batch at a
+    time, and return the whole batch's loss.
+
+    Each micro-batch `(x, y)` gives `loss_fn(model(x), y)`, a mean over its own examples. With n
+    micro-batches of equal size the big batch's mean loss is the average of the n losses, so each
+    backward pass gets its loss divided by n; `.grad` adds up across backward passes. Gradients
+    left in the model from before are discarded first.
+
+    Args:
+        model: any module.
+        loss_fn: `(model output, y) -> 0-d mean loss`.
+        micro_batches: n pairs `(x, y)`, all with the same number of examples.
+
+    Returns:
+        The mean loss of the whole batch (the average of the micro-batch losses), as a float.
+
+    Example:
+        >>> model = nn.Linear(3, 1)
+        >>> batches = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(2)]
+        >>> loss = accumulate_gradients(model, nn.functional.mse_loss, batches)
+        >>> # model.weight.grad now equals the gradient of mse_loss on all 8 examples at once
+    """
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in micro_batches:
+        loss = loss_fn(model(x), y) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+@torch.no_grad()
+def adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> None:
+    """One AdamW update of one parameter tensor, in place, as `torch.optim.AdamW` makes it.
+
+        param      <- param * (1 - lr * weight_decay)   decoupled: the decay never enters m or v
+        exp_avg    <- beta1 * exp_avg + (1 - beta1) * grad          m, running mean of grad
+        exp_avg_sq <- beta2 * exp_avg_sq + (1 - beta2) * grad**2    v, running mean of grad**2
+        m_hat = exp_avg / (1 - beta1**step),  v_hat = exp_avg_sq / (1 - beta2**step)
+        param      <- param - lr * m_hat / (sqrt(v_hat) + eps)
+
+    The moments start at zero, so early on they are biased towards zero; dividing by
+    1 - beta**step removes that bias (at step 1, m_hat is exactly grad).
+
+    Args:
+        param, grad, exp_avg, exp_avg_sq: tensors of one shape; param, exp_avg and exp_avg_sq
+            are updated in place.
+        step: the number of this update, 1 for the first.
+        lr, beta1, beta2, eps, weight_decay: torch's names and defaults.
+
+    Example:
+        >>> p, m, v = torch.tensor([1.0, -1.0]), torch.zeros(2), torch.zeros(2)
+        >>> adamw_step(p, torch.tensor([0.5, 0.5]), m, v, 1, lr=0.1, weight_decay=0.0)
+        >>> p  # the first step moves each weight by lr against the sign of its gradient
+        tensor([ 0.9000, -1.1000])
+    """
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = exp_avg / (1 - beta1**step)
+    v_hat = exp_avg_sq / (1 - beta2**step)
+    param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+def decay_param_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Split the parameter names of `model` into those that get weight decay and those that do not.
+
+    Decay shrinks weights towards zero; it is meant for the weight matrices of `nn.Linear` layers.
+    Biases, LayerNorm weights and biases and embedding tables get none: shrinking a LayerNorm
+    gain or a rare token's embedding towards zero only hurts. A Linear weight that is also an
+    embedding table (a tied output layer, like GPT's lm_head sharing tok_emb's matrix) counts as an
+    embedding. Names are those of `model.named_parameters()`, which lists a shared tensor once,
+    under its first name.
+
+    Returns:
+        `(decay, no_decay)`: two disjoint sets that together hold every name.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> decay, no_decay = decay_param_names(model)
+        >>> sorted(decay), sorted(no_decay)
+        (['2.weight'], ['0.weight', '1.bias', '1.weight', '2.bias'])
+    """
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = set(), set()
+    for name, p in model.named_parameters():
+        (decay if id(p) in linear and id(p) not in tables else no_decay).add(name)
+    return decay, no_decay
+
+
+def top_k_probs(logits: Tensor, k: int | None = None, temperature: float = 1.0) -> Tensor:
+    """The distribution the next token is sampled from: softmax(logits / temperature), kept on
+    each row's k largest logits and renormalised there.
+
+    A temperature below 1 sharpens the distribution, above 1 flattens it. Tokens outside the top k
+    get probability exactly 0 (their logits become -inf before the softmax); logits tied with the
+    k-th largest are kept.
+
+    Args:
+        logits: `(..., V)`.
+        k: in [1, V], or None to keep every token.
+        temperature: > 0.
+
+    Returns:
+        `(..., V)` probabilities; each row sums to 1.
+
+    Example:
+        >>> top_k_probs(torch.tensor([2.0, 1.0, 0.0, -1.0]), k=2)  # e/(e+1), 1/(e+1)
+        tensor([0.7311, 0.2689, 0.0000, 0.0000])
+    """
+    scaled = logits / temperature
+    if k is not None:
+        kth_largest = scaled.topk(k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
+    return torch.softmax(scaled, dim=-1)
