@@ -134,7 +134,10 @@ class PlainEngine:
         self.config = config
         o = config.optim
         self.optimizer = torch.optim.AdamW(
-            model.param_groups(o.weight_decay), lr=o.learning_rate, betas=(o.beta1, o.beta2)
+            model.param_groups(o.weight_decay),
+            lr=o.learning_rate,
+            betas=(o.beta1, o.beta2),
+            fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate

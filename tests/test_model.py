@@ -419,3 +419,18 @@ def test_seq2seq_decoder_is_causal_and_reads_the_source():
     changed_src = src.clone()
     changed_src[0, 6] = src[0, 6] % 31 + 1
     assert not torch.allclose(model(changed_src, tgt)[0][:, 0], logits[:, 0])
+
+
+def test_cpu_gelu_equals_torch_tanh_gelu_in_value_and_gradient():
+    from minillm.model import gelu_tanh
+
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64).requires_grad_()
+    reference = torch.nn.functional.gelu(x, approximate="tanh")
+    (grad_reference,) = torch.autograd.grad(reference.sum(), x)
+    ours = gelu_tanh(x)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), x)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_reference, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(
+        gelu_tanh, (torch.randn(20, dtype=torch.float64, requires_grad=True),)
+    )
