@@ -1,0 +1,140 @@
+"""Start real processes that talk through torch.distributed, from a script, a test or a notebook.
+
+`launch(fn, world_size, *args)` starts `world_size` processes (spawned, so CUDA and notebooks are
+safe), joins them into one process group (gloo on CPUs, NCCL when every rank has a GPU), calls
+`fn(rank, world_size, *args)` in each and returns the results in rank order. What each rank prints
+is collected and printed afterwards, prefixed with its rank, so it shows in a notebook cell. An
+exception in any rank is raised here with that rank's traceback. `fn` must be importable (defined
+in a module, not in a notebook cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from minillm.errors import MiniLLMError, require_positive
+
+
+class LaunchError(MiniLLMError):
+    """A rank failed or did not finish."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+
+
+def device_for(rank: int):
+    """The device this rank computes on: its own GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _worker(rank, world_size, port, backend, fn, args, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)  # N processes share the cores; more threads only contend
+    printed = io.StringIO()
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        with contextlib.redirect_stdout(printed):
+            result = fn(rank, world_size, *args)
+        dist.barrier()
+        queue.put(pickle.dumps(("ok", rank, result, printed.getvalue())))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put(pickle.dumps(("error", rank, traceback.format_exc(), printed.getvalue())))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+    echo: bool = True,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` processes; return results by rank."""
+    require_positive(world_size, "world_size", integer=True)
+    backend = backend or default_backend()
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [
+        context.Process(
+            target=_worker, args=(rank, world_size, port, backend, fn, args, queue), daemon=True
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results: dict[int, Any] = {}
+    outputs: dict[int, str] = {}
+    failure = None
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world_size and failure is None:
+        if not queue.empty():
+            status, rank, payload, printed = pickle.loads(queue.get())
+            outputs[rank] = printed
+            if status == "ok":
+                results[rank] = payload
+            else:
+                failure = f"rank {rank} failed:\n{payload}"
+        elif time.monotonic() > deadline:
+            failure = (
+                f"ranks {sorted(set(range(world_size)) - set(results))} did not finish "
+                f"within {timeout_s:.0f} s"
+            )
+        elif any(p.exitcode not in (None, 0) for p in processes) and queue.empty():
+            dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            failure = (
+                f"rank(s) {dead} died with exit code(s) {[processes[r].exitcode for r in dead]}"
+            )
+        else:
+            time.sleep(0.01)
+    for process in processes:
+        process.join(timeout=5 if failure is None else 0.1)
+        if process.is_alive():
+            process.kill()
+    if echo:
+        for rank in sorted(outputs):
+            for line in outputs[rank].splitlines():
+                print(f"[rank {rank}] {line}")
+    sys.stdout.flush()
+    if failure:
+        raise LaunchError(failure)
+    return [results[rank] for rank in range(world_size)]

@@ -1,0 +1,83 @@
+"""The process layout and the launcher: real processes, real torch.distributed collectives."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from minillm.errors import InputError
+from minillm.parallel.launch import LaunchError, launch
+from minillm.parallel.layout import Coords, Layout
+
+
+def test_bloom_176b_layout():
+    bloom = Layout(tensor=4, pipeline=12, data=8)
+    assert bloom.world_size == 384
+    assert bloom.group_of(0, "tensor") == [0, 1, 2, 3]  # neighbours: one node's GPUs
+    assert bloom.group_of(0, "data") == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert bloom.group_of(0, "pipeline") == [32 * s for s in range(12)]
+    assert bloom.coords(383) == Coords(pipeline=11, data=7, tensor=3)
+
+
+@pytest.mark.parametrize("layout", [Layout(2, 2, 2), Layout(4, 1, 3), Layout(1, 3, 2)])
+def test_groups_partition_the_ranks_and_coords_round_trip(layout):
+    for kind, size in (
+        ("tensor", layout.tensor),
+        ("pipeline", layout.pipeline),
+        ("data", layout.data),
+    ):
+        groups = layout.groups(kind)
+        assert sorted(r for g in groups for r in g) == list(range(layout.world_size))
+        assert all(len(g) == size for g in groups)
+    for rank in range(layout.world_size):
+        assert layout.rank(layout.coords(rank)) == rank
+
+
+def test_layouts_that_do_not_divide_are_refused_before_launch():
+    with pytest.raises(InputError, match="not divisible by tensor"):
+        Layout.for_world(6, tensor=4)
+    layout = Layout.for_world(4, tensor=2, pipeline=2)
+    with pytest.raises(InputError, match="heads cannot be split"):
+        layout.check_model(n_head=3, n_layer=4)
+    with pytest.raises(InputError, match="fewer than the 2 pipeline stages"):
+        layout.check_model(n_head=4, n_layer=1)
+    with pytest.raises(InputError, match="micro-batches"):
+        layout.check_model(n_head=4, n_layer=4, batch_size=6, micro_batches=4)
+    layout.check_model(n_head=4, n_layer=4, batch_size=8, micro_batches=4)
+
+
+def _all_reduce_rank(rank, world_size):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    print(f"sum is {t.item():g}")
+    return t.item()
+
+
+def _fail_on_rank_1(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    return rank
+
+
+def _tensor_group_sums(rank, world_size):
+    layout = Layout.for_world(world_size, tensor=2)
+    groups = layout.new_groups(rank)
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=groups["tensor"])
+    return t.item()
+
+
+@pytest.mark.multiprocess
+def test_launch_runs_real_processes_and_collects_results(capsys):
+    assert launch(_all_reduce_rank, 2) == [3.0, 3.0]
+    assert "[rank 1] sum is 3" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_a_failing_rank_raises_with_its_traceback():
+    with pytest.raises(LaunchError, match=r"rank 1 failed(.|\n)*rank one is broken"):
+        launch(_fail_on_rank_1, 2, echo=False)
+
+
+@pytest.mark.multiprocess
+def test_groups_from_the_layout_reduce_within_their_ranks():
+    assert launch(_tensor_group_sums, 4, echo=False) == [1.0, 1.0, 5.0, 5.0]
