@@ -94,7 +94,8 @@ class Layout:
             )
         if batch_size % self.data:
             raise InputError(
-                f"batch size {batch_size} cannot be shared evenly by {self.data} data-parallel ranks"
+                f"batch size {batch_size} cannot be shared evenly by {self.data} data-parallel "
+                "ranks"
             )
 
     def describe(self) -> str:
