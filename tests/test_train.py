@@ -362,3 +362,12 @@ def test_logged_learning_rate_is_the_one_each_update_used(finished_run):
     rows = read_metrics(finished_run)[0]
     expected = [lr_at(int(r["step"]) - 1, config.optim, config.max_iters) for r in rows]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_like_eager(tmp_path):
+    eager = Trainer(tiny(tmp_path / "eager", "max_iters=3"), progress=False).fit()
+    compiled = Trainer(tiny(tmp_path / "compiled", "max_iters=3", "compile=true"), progress=False)
+    assert compiled.engine.forward_model is not compiled.model  # really the compiled module
+    compiled.fit()
+    assert losses(compiled.run_dir) == pytest.approx(losses(eager.run_dir), abs=1e-4)
