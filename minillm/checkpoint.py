@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from minillm.errors import MiniLLMError
 
-WEIGHTS, STATE, CONFIG = "model.safetensors", "state.pt", "config.yaml"
+WEIGHTS, STATE, CONFIG, TOKENIZER = "model.safetensors", "state.pt", "config.yaml", "tokenizer.json"
 _PREFIX = "step_"
 
 
@@ -41,7 +41,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    # A checkpoint is complete once its weights are there: they are written last (renamed into
+    # place), also by engines such as DeepSpeed that write the rest of the folder themselves.
+    found = [p for p in folder.iterdir() if p.name.startswith(_PREFIX) and (p / WEIGHTS).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -101,6 +103,7 @@ def save(
     state: dict[str, Any],
     config: dict[str, Any],
     keep: int = 2,
+    tokenizer=None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
     final = checkpoint_dir(run_dir, step)
@@ -110,6 +113,8 @@ def save(
     save_model(model, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    if tokenizer is not None:
+        tokenizer.save(tmp / TOKENIZER)
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run)
     tmp.rename(final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:

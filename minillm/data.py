@@ -206,7 +206,9 @@ def load_tokens(name: str, tokenizer: Tokenizer, *, progress: bool = True) -> np
         tokenizer.encode(load_text(name, progress=progress)),
         dtype=token_dtype(tokenizer.vocab_size),
     )
-    part = path.with_name(path.name + ".part")  # renamed into place once whole, like downloads
+    # Renamed into place once whole, like downloads; named per process, since every rank of a
+    # multi-process run may tokenise at once.
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
     with open(part, "wb") as f:
         np.save(f, ids)
     os.replace(part, path)

@@ -12,7 +12,7 @@ from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = checkpoint.TOKENIZER
 
 
 def generate_text(

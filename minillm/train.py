@@ -126,7 +126,14 @@ def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
 
 
 class PlainEngine:
-    """One process, one device: autocast, loss scaling for fp16, accumulation, clipping, AdamW."""
+    """One process, one device: autocast, loss scaling for fp16, accumulation, clipping, AdamW.
+
+    The interface every engine offers the Trainer: `rank`, `world_size`, `shard(x, y)` (this
+    rank's rows of a global batch), `forward`, `backward`, `step`, `lr`, `mean(value)` (the
+    average over ranks), `save_checkpoint` and `load_checkpoint`.
+    """
+
+    rank, world_size = 0, 1
 
     def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device):
         self.module = model
@@ -153,6 +160,12 @@ class PlainEngine:
         )
         self.forward_model = torch.compile(model) if config.compile else model
         self._micro = 0
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def mean(self, value: float) -> float:
+        return value
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast:
@@ -194,6 +207,19 @@ class PlainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+    def save_checkpoint(
+        self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer: Tokenizer
+    ) -> Path:
+        state = {**state, "engine": self.state_dict()}
+        return checkpoint.save(run_dir, step, self.module, state, config, keep, tokenizer)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Load weights and engine state from checkpoint `path`; return the Trainer's state."""
+        checkpoint.load_weights(path, self.module)
+        state = checkpoint.load_state(path)
+        self.load_state_dict(state["engine"])
+        return state
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -253,9 +279,13 @@ class Trainer:
                 f"tokens but model.vocab_size is {c.model.vocab_size}; set model.vocab_size="
                 f"{self.tokenizer.vocab_size}"
             )
-        self.train_batches, self.val_tokens, self.train_tokens = self._data(text)
         self.model = GPT(c.model).to(self.device)
         self.engine = engine_factory(self.model, c, self.device)
+        self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics
+        self.progress = progress and self.is_main
+        if self.is_main and not (self.run_dir / TOKENIZER_FILE).is_file():
+            self.tokenizer.save(self.run_dir / TOKENIZER_FILE)
+        self.train_batches, self.val_tokens, self.train_tokens = self._data(text)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._tensorboard = _tensorboard_writer(self.run_dir)
@@ -265,16 +295,20 @@ class Trainer:
         saved = self.run_dir / TOKENIZER_FILE
         if saved.is_file():  # a resumed run keeps the vocabulary it started with
             return load_tokenizer(saved)
-        tokenizer = build_tokenizer(self.config.data, text)
-        tokenizer.save(saved)
-        return tokenizer
+        return build_tokenizer(self.config.data, text)  # rank 0 saves it once the engine is up
 
     def _data(self, text: str):
         c = self.config
         ids = data.load_tokens(c.data.corpus, self.tokenizer, progress=self.progress)
         train_ids, val_ids = data.train_val_split(ids, c.data.val_fraction)
+        # Every rank draws the same global micro-batch and trains on its own rows of it, so the
+        # run is the single-process run on batch_size x world_size sequences.
         sampler = data.TokenBatchSampler(
-            train_ids, c.model.block_size, c.batch_size, seed=c.seed, device=self.device
+            train_ids,
+            c.model.block_size,
+            c.batch_size * self.engine.world_size,
+            seed=c.seed,
+            device=self.device,
         )
         return sampler, val_ids, train_ids
 
@@ -297,7 +331,7 @@ class Trainer:
                 tick = time.perf_counter()
                 loss, norm, lr = self._train_step()
                 self.step += 1
-                tokens_per_s = c.tokens_per_step / (time.perf_counter() - tick)
+                tokens_per_s = self.tokens_per_step / (time.perf_counter() - tick)
                 self._log(
                     self.METRICS,
                     self.FIELDS,
@@ -312,10 +346,11 @@ class Trainer:
                         self.EVAL_FIELDS,
                         (self.step, evaluation["train"], evaluation["val"]),
                     )
-                    bar.write(
-                        f"step {self.step}: train loss {evaluation['train']:.4f}, "
-                        f"val loss {evaluation['val']:.4f}"
-                    )
+                    if self.is_main:
+                        bar.write(
+                            f"step {self.step}: train loss {evaluation['train']:.4f}, "
+                            f"val loss {evaluation['val']:.4f}"
+                        )
                 if self.step % c.checkpoint_interval == 0 or self.step == c.max_iters:
                     self.save_checkpoint()
         seconds = time.perf_counter() - start
@@ -329,7 +364,7 @@ class Trainer:
             evaluation["train"],
             evaluation["val"],
             seconds,
-            steps * c.tokens_per_step / seconds if steps else 0.0,
+            steps * self.tokens_per_step / seconds if steps else 0.0,
             sample,
         )
 
@@ -338,7 +373,7 @@ class Trainer:
         self.model.train()
         total = 0.0
         for _ in range(self.config.grad_accum):
-            x, y = next(self.train_batches)
+            x, y = self.engine.shard(*next(self.train_batches))
             loss = self.engine.forward(x, y)
             if not torch.isfinite(loss):
                 where = self.last_checkpoint or "none saved yet"
@@ -351,7 +386,7 @@ class Trainer:
             total += loss.item()
         lr = self.engine.lr  # the rate this update uses; step() moves the schedule on
         norm = self.engine.step()
-        return total / self.config.grad_accum, norm, lr
+        return self.engine.mean(total / self.config.grad_accum), norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -389,7 +424,14 @@ class Trainer:
         )
 
     # -- metrics -----------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on, over all ranks."""
+        return self.config.tokens_per_step * self.engine.world_size
+
     def _log(self, name: str, fields: tuple[str, ...], row: tuple) -> None:
+        if not self.is_main:
+            return
         if self._tensorboard is not None:
             group = name.removesuffix(".csv")
             for key, value in zip(fields[1:], row[1:], strict=True):
@@ -417,27 +459,26 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = {
             "step": self.step,
-            "engine": self.engine.state_dict(),
             "data": self.train_batches.state_dict(),
             "rng": checkpoint.rng_state(),
         }
-        path = checkpoint.save(
+        path = self.engine.save_checkpoint(
             self.run_dir,
             self.step,
-            self.model,
             state,
             to_dict(self.config),
-            keep=self.config.keep_checkpoints,
+            self.config.keep_checkpoints,
+            self.tokenizer,
         )
-        self.tokenizer.save(path / TOKENIZER_FILE)
         self.last_checkpoint = path
         return path
 
     def _resume_if_possible(self) -> None:
         latest = checkpoint.latest_checkpoint(self.run_dir)
         if latest is None:
-            for name in (self.METRICS, self.EVALS):  # logs of a run that never checkpointed
-                (self.run_dir / name).unlink(missing_ok=True)
+            if self.is_main:
+                for name in (self.METRICS, self.EVALS):  # logs of a run that never checkpointed
+                    (self.run_dir / name).unlink(missing_ok=True)
             return
         saved = checkpoint.load_config(latest)
         if saved.get("model") != to_dict(self.config.model):
@@ -445,14 +486,13 @@ class Trainer:
                 f"{self.run_dir} holds a run with another model config; pass --fresh to start "
                 "over there, or choose another out_dir"
             )
-        checkpoint.load_weights(latest, self.model)
-        state = checkpoint.load_state(latest)
-        self.engine.load_state_dict(state["engine"])
+        state = self.engine.load_checkpoint(latest)
         self.train_batches.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         self.last_checkpoint = latest
-        self._truncate_logs(self.step)
+        if self.is_main:
+            self._truncate_logs(self.step)
         if self.progress:
             print(f"resuming from {latest} (step {self.step})")
 

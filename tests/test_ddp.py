@@ -1,0 +1,70 @@
+"""Data parallelism from scratch against torch's DistributedDataParallel and one process on the
+global batch, in two real processes (gloo)."""
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.errors import InputError
+from minillm.model import GPT, GPTConfig
+from minillm.parallel import ddp
+from minillm.parallel.ddp import DataParallel, make_buckets, shard_batch
+
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+CAP_MB = 0.02  # about 20 KB: the test GPT's 120 KB of gradients fill several buckets
+
+
+def test_shards_are_contiguous_and_cover_the_batch():
+    batch = torch.arange(12).view(6, 2)
+    shards = [shard_batch(batch, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat(shards), batch) and shards[1].tolist() == [[4, 5], [6, 7]]
+    with pytest.raises(InputError, match="a batch of 6 cannot be shared evenly by 4"):
+        shard_batch(batch, 0, 4)
+
+
+def test_buckets_keep_every_parameter_once_last_first_within_the_cap():
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 300, 20, 30, 40)]  # 4 bytes each
+    buckets = make_buckets(params, cap_bytes=240)
+    assert [[p.numel() for p in b] for b in buckets] == [[40], [30, 20], [300], [10]]
+    assert [id(p) for b in buckets for p in b] == [id(p) for p in reversed(params)]
+    assert make_buckets(params, cap_bytes=1e9) == [list(reversed(params))]
+
+
+def test_unknown_mode_and_bad_batch_are_refused_before_any_process_starts(monkeypatch):
+    with pytest.raises(InputError, match="unknown data-parallel mode 'ring'"):
+        DataParallel(nn.Linear(2, 2), mode="ring")
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched processes for a batch that cannot be shared")
+
+    monkeypatch.setattr(ddp, "launch", no_launch)
+    with pytest.raises(InputError, match="batch size 5 cannot be shared evenly by 2"):
+        ddp.compare_with_torch_ddp(2, CONFIG, batch_size=5)
+
+
+def _expected_calls() -> dict[str, int]:
+    params = [p for p in GPT(CONFIG).parameters() if p.requires_grad]
+    buckets = len(make_buckets(params, CAP_MB * 2**20))
+    return {"naive": len(params), "bucketed": buckets, "overlapped": buckets}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_every_mode_matches_torch_ddp_and_one_process_each_step(grad_accum):
+    report = ddp.compare_with_torch_ddp(
+        2, CONFIG, batch_size=8, grad_accum=grad_accum, steps=2, bucket_cap_mb=CAP_MB
+    )
+    expected = _expected_calls()
+    assert 1 < expected["bucketed"] < expected["naive"]
+    for mode in ddp.MODES:
+        r = report[mode]
+        # Two ranks: the same two addends and a division by 2 (exact), so bit-equal to torch.
+        assert r["grad_vs_torch"] == 0.0 and r["weights_vs_torch"] == 0.0, mode
+        # One process adds the batch up in another order: float32 rounding, then two AdamW steps.
+        assert r["grad_vs_single"] < 1e-6 and r["weights_vs_single"] < 5e-6, mode
+        # One message per gradient or bucket per step, none in accumulation micro-steps.
+        assert r["calls_per_step"] == [expected[mode]] * 2, mode
+    assert report["torch"]["calls_per_step"][0] >= 1
+    engine = report["engine"]
+    assert engine["steps"] == 2
+    assert engine["weights_vs_plain"] < 1e-6 and engine["grad_norm_vs_plain"] < 1e-5
