@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _notebooks(args) -> int:
 def _train(args) -> int:
     import shutil
 
-    from minillm.train import Trainer, load_config
+    from minillm.train import PlainEngine, Trainer, load_config
 
     path = args.config
     if path == DEFAULT_TRAIN_CONFIG and not path.exists():  # run from outside the checkout
@@ -86,9 +87,26 @@ def _train(args) -> int:
 
         path = repo_root() / DEFAULT_TRAIN_CONFIG
     config = load_config(path, args.set)
-    if args.fresh:
+    engine_factory = PlainEngine
+    if args.deepspeed:
+        from minillm import ds
+
+        ds_config = ds.load_config(args.deepspeed)
+        if args.nproc:  # check everything here, then hand over to DeepSpeed's launcher
+            return ds.launch(args.nproc, ds_config, config, sys.argv[1:])
+        config.device = ds.rank_device()
+
+        def engine_factory(model, train_config, device):
+            return ds.DeepSpeedTrainEngine(model, train_config, device, ds_config)
+
+    elif args.nproc:
+        raise MiniLLMError("--nproc launches DeepSpeed processes; give --deepspeed CONFIG too")
+    if args.fresh and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(config.out_dir, ignore_errors=True)
-    result = Trainer(config).fit()
+    trainer = Trainer(config, engine_factory=engine_factory)
+    result = trainer.fit()
+    if not trainer.is_main:
+        return 0
     print(
         f"step {result.step}: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
         f" ({result.seconds:.0f} s, {result.tokens_per_s:,.0f} tokens/s)"
@@ -124,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minillm",
         description="minillm: train and serve a small GPT, from raw text to DeepSpeed.",
     )
+    # DeepSpeed's launcher passes --local_rank=N before the subcommand; DeepSpeed reads LOCAL_RANK.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("env", help="check this machine: versions, devices, DeepSpeed ops, data")
@@ -156,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.n_layer=6 (repeatable)",
+    )
+    p.add_argument(
+        "--deepspeed",
+        type=Path,
+        metavar="JSON",
+        help="train with DeepSpeed using this config (configs/deepspeed/)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="with --deepspeed: check the configs, then start N processes with the "
+        "deepspeed launcher",
     )
     p.add_argument(
         "--fresh",

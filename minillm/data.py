@@ -134,7 +134,7 @@ def download(
     """Stream `url` to `dest`, verifying `size` (if given) and `sha256` before it appears there."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # several ranks may download at once
     how_to = (
         f"Download it by hand from {url} and save it as {dest} (sha256 {sha256}), "
         "or set MINILLM_DATA to a folder that already holds it."

@@ -75,8 +75,11 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable bytes map to themselves; the other 68 (controls, space, ...) map to U+0100 onwards
     in byte order, so the space byte 32 is written `Ġ` and newline `Ċ`.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + i) for i, b in enumerate(others)})
@@ -174,7 +177,7 @@ def load(path: str | os.PathLike) -> Tokenizer:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not a tokenizer file: it is not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise InputError(f"{path} is not a tokenizer file: it lacks \"format\": \"{FORMAT}\"")
+        raise InputError(f'{path} is not a tokenizer file: it lacks "format": "{FORMAT}"')
     if doc.get("version") != VERSION:
         raise InputError(
             f"{path} has tokenizer file version {doc.get('version')!r}; this minillm reads "
@@ -182,8 +185,9 @@ def load(path: str | os.PathLike) -> Tokenizer:
         )
     kinds = {cls.kind: cls for cls in (CharTokenizer, BPETokenizer)}
     if doc.get("type") not in kinds:
-        raise InputError(f"{path} has unknown tokenizer type {doc.get('type')!r}; "
-                         f"known: {', '.join(kinds)}")
+        raise InputError(
+            f"{path} has unknown tokenizer type {doc.get('type')!r}; known: {', '.join(kinds)}"
+        )
     fields = {k: v for k, v in doc.items() if k not in ("format", "version", "type")}
     try:
         return kinds[doc["type"]]._from_fields(fields)
@@ -243,7 +247,7 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def _from_fields(cls, fields: dict[str, Any]) -> CharTokenizer:
         if not isinstance(fields.get("chars"), list):
-            raise InputError("\"chars\" must be a list of characters")
+            raise InputError('"chars" must be a list of characters')
         return cls(fields["chars"])
 
 
@@ -347,8 +351,11 @@ class BPETokenizer(Tokenizer):
         token_ids = {t: i for i, t in enumerate(self._tokens)}
         self._merge_rank: dict[tuple[int, int], int] = {}  # pair -> when it was learned
         for rank, pair in enumerate(merges):
-            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                    or not all(type(i) is int and 0 <= i < len(self._tokens) for i in pair)):
+            if (
+                not isinstance(pair, (list, tuple))
+                or len(pair) != 2
+                or not all(type(i) is int and 0 <= i < len(self._tokens) for i in pair)
+            ):
                 raise InputError(
                     f"merge {rank} is {pair!r}; each merge must be a pair of ids of tokens that "
                     f"exist before it (0 to {len(self._tokens) - 1})"
@@ -357,8 +364,10 @@ class BPETokenizer(Tokenizer):
             merged = self._tokens[a] + self._tokens[b]
             # Training cannot make the same bytes twice: once made, a token is never split again.
             if merged in token_ids:
-                raise InputError(f"merge {rank} {[a, b]} makes {merged!r} again, which is "
-                                 f"already token {token_ids[merged]}")
+                raise InputError(
+                    f"merge {rank} {[a, b]} makes {merged!r} again, which is "
+                    f"already token {token_ids[merged]}"
+                )
             token_ids[merged] = len(self._tokens)
             self._tokens.append(merged)
             self.merges.append((a, b))
@@ -372,7 +381,11 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(
-        cls, text: str, vocab_size: int, *, special_tokens: Sequence[str] = (ENDOFTEXT,),
+        cls,
+        text: str,
+        vocab_size: int,
+        *,
+        special_tokens: Sequence[str] = (ENDOFTEXT,),
         progress: bool = False,
     ) -> BPETokenizer:
         """Learn merges on `text` until `vocab_size` ids exist (256 bytes + merges + specials).
@@ -455,14 +468,16 @@ class BPETokenizer(Tokenizer):
         )
 
     def _fields(self) -> dict[str, Any]:
-        return {"merges": [list(p) for p in self.merges],
-                "special_tokens": list(self.special_tokens)}
+        return {
+            "merges": [list(p) for p in self.merges],
+            "special_tokens": list(self.special_tokens),
+        }
 
     @classmethod
     def _from_fields(cls, fields: dict[str, Any]) -> BPETokenizer:
         merges, specials = fields.get("merges"), fields.get("special_tokens", [])
         if not isinstance(merges, list) or not isinstance(specials, list):
-            raise InputError("\"merges\" and \"special_tokens\" must be lists")
+            raise InputError('"merges" and "special_tokens" must be lists')
         return cls(merges, specials)
 
     def to_hf_tokenizer(self) -> tokenizers.Tokenizer:
@@ -485,8 +500,9 @@ class BPETokenizer(Tokenizer):
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
         # Added after the model's vocabulary, so they get the same ids as ours.
-        hf.add_special_tokens([AddedToken(s, special=True, normalized=False)
-                               for s in self.special_tokens])
+        hf.add_special_tokens(
+            [AddedToken(s, special=True, normalized=False) for s in self.special_tokens]
+        )
         return hf
 
     def to_transformers(self) -> PreTrainedTokenizerFast:
@@ -496,7 +512,8 @@ class BPETokenizer(Tokenizer):
 
         eos = ENDOFTEXT if ENDOFTEXT in self.special_tokens else None
         return PreTrainedTokenizerFast(
-            tokenizer_object=self.to_hf_tokenizer(), eos_token=eos,
+            tokenizer_object=self.to_hf_tokenizer(),
+            eos_token=eos,
             clean_up_tokenization_spaces=False,
         )
 
@@ -551,7 +568,9 @@ def train_hf_bpe(
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     hf.train_from_iterator([text], trainer)

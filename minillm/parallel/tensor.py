@@ -195,7 +195,7 @@ def run_demo(
     the whole batch, which every rank builds from the same seed.
 
     Returns the largest absolute differences of loss, logits and gradients, the all-reduces each
-    direction took per block, and this rank's parameter count against the unsplit one.
+    direction took per transformer layer, and this rank's parameter count against the unsplit one.
     """
     from minillm.parallel.layout import Layout
 

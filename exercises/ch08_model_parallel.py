@@ -1,0 +1,147 @@
+"""Chapter 08 exercises: the arithmetic of tensor and pipeline parallelism, from torch primitives.
+
+Replace each `raise NotImplementedError` with your code; `minillm grade ch08` grades them (the
+tests are in tests/exercises/test_ch08_model_parallel.py). Everything here runs in one process:
+a "rank" is an index into a list, so you can check each idea without starting processes. Do not
+import `minillm.parallel.tensor` or `minillm.parallel.pipeline`: building these is the point.
+
+Conventions as in the chapter: a linear layer is y = x W^T + b with W `(out, in)`; a pipeline
+schedule is, for each stage, its ordered list of ("F", i) and ("B", i) for micro-batch i; ranks
+lie on a (pipeline, data, tensor) grid with the tensor coordinate changing fastest.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the examples use it)
+from torch import Tensor
+
+
+def column_parallel_outputs(x: Tensor, weight: Tensor, bias: Tensor, parts: int) -> list[Tensor]:
+    """What each of `parts` ranks computes in a column-parallel linear layer.
+
+    Rank r keeps rows r*out/parts to (r+1)*out/parts of `weight` `(out, in)` and of `bias`
+    `(out,)`, reads the whole input `x` `(..., in)` and returns its slice of the output,
+    `(..., out/parts)`. Side by side (concatenated on the last axis) the slices are the full
+    output x W^T + b.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # out=4, in=2
+        >>> column_parallel_outputs(torch.tensor([[1.0, 2.0]]), w, torch.zeros(4), 2)
+        [tensor([[1., 2.]]), tensor([[3., 2.]])]
+    """
+    raise NotImplementedError
+
+
+def row_parallel_outputs(x: Tensor, weight: Tensor, bias: Tensor, parts: int) -> list[Tensor]:
+    """What each of `parts` ranks computes in a row-parallel linear layer, before the all-reduce.
+
+    Rank r keeps columns r*in/parts to (r+1)*in/parts of `weight` `(out, in)`, reads only the
+    matching slice of `x` `(..., in)` and returns a partial output `(..., out)`. The partials
+    summed (what the all-reduce does) are the full output x W^T + b, so the bias must be counted
+    once: rank 0 adds it, the others do not.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 1.0], [0.0, 2.0]])  # out=2, in=2
+        >>> row_parallel_outputs(torch.tensor([[1.0, 3.0]]), w, torch.tensor([10.0, 0.0]), 2)
+        [tensor([[11.,  0.]]), tensor([[3., 6.]])]
+    """
+    raise NotImplementedError
+
+
+def split_layers(n_layer: int, stages: int) -> list[tuple[int, int]]:
+    """The layers each pipeline stage runs, as `(start, stop)` (stop excluded): contiguous, in
+    order, covering all `n_layer` layers, sizes differing by at most one, the earlier stages
+    taking the extra layers.
+
+    Example:
+        >>> split_layers(5, 3)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    raise NotImplementedError
+
+
+def gpipe_schedule(stages: int, micro_batches: int) -> list[list[tuple[str, int]]]:
+    """GPipe: every stage runs the forwards of micro-batches 0..m-1, then their backwards in the
+    same order. One list per stage.
+
+    Example:
+        >>> gpipe_schedule(2, 2)
+        [[('F', 0), ('F', 1), ('B', 0), ('B', 1)], [('F', 0), ('F', 1), ('B', 0), ('B', 1)]]
+    """
+    raise NotImplementedError
+
+
+def one_f_one_b_schedule(stages: int, micro_batches: int) -> list[list[tuple[str, int]]]:
+    """1F1B: stage s first runs min(p - 1 - s, m) warm-up forwards, then alternates one forward
+    and one backward (oldest micro-batch first) while forwards remain, then runs the remaining
+    backwards. The last stage starts backward right after its first forward.
+
+    Example:
+        >>> one_f_one_b_schedule(2, 3)
+        [[('F', 0), ('F', 1), ('B', 0), ('F', 2), ('B', 1), ('B', 2)],
+         [('F', 0), ('B', 0), ('F', 1), ('B', 1), ('F', 2), ('B', 2)]]
+    """
+    raise NotImplementedError
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """The share of a pipeline step that each stage spends idle, when a forward and a backward
+    take the same time on every stage: the pipe fills and drains over p - 1 slots out of the
+    m + p - 1 that the step lasts.
+
+    Example:
+        >>> bubble_fraction(4, 12)  # 3 / 15
+        0.2
+    """
+    raise NotImplementedError
+
+
+def grid_coords(rank: int, tensor: int, pipeline: int, data: int) -> tuple[int, int, int]:
+    """`(pipeline, data, tensor)` coordinates of `rank` on a grid of tensor x pipeline x data
+    ranks, tensor changing fastest, then data, then pipeline.
+
+    Example:
+        >>> grid_coords(5, tensor=2, pipeline=2, data=2)  # 5 = (1 * 2 + 0) * 2 + 1
+        (1, 0, 1)
+    """
+    raise NotImplementedError
+
+
+def group_ranks(rank: int, kind: str, tensor: int, pipeline: int, data: int) -> list[int]:
+    """The ranks, in increasing order, that share every coordinate with `rank` except `kind`
+    ("tensor", "pipeline" or "data"): the group `rank` all-reduces or sends within.
+
+    Example:
+        >>> group_ranks(5, "data", tensor=2, pipeline=2, data=2)
+        [5, 7]
+    """
+    raise NotImplementedError
+
+
+def communication_per_step(
+    kind: str,
+    *,
+    size: int,
+    n_params: int,
+    n_layer: int,
+    tokens: int,
+    d_model: int,
+    bytes_per_value: int = 2,
+) -> float:
+    """Bytes one rank sends in one training step for one kind of parallelism of `size` ranks.
+
+    A ring all-reduce of N values sends 2 (size - 1) / size * N values from every rank.
+
+    - "data": the gradients (`n_params` values) are all-reduced once per step.
+    - "tensor": each of the `n_layer` layers all-reduces an activation of `tokens` x `d_model`
+      values twice going forward (attention, MLP) and twice going back. `tokens` = the batch's
+      tokens that this tensor group processes.
+    - "pipeline": a middle stage sends its output activation (`tokens` x `d_model`) forward and
+      the gradient of its input (the same size) back, point to point; `size` does not matter.
+
+    Example:
+        >>> communication_per_step("data", size=4, n_params=1000, n_layer=2, tokens=8,
+        ...                        d_model=16, bytes_per_value=2)
+        3000.0
+    """
+    raise NotImplementedError
