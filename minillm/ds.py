@@ -171,10 +171,14 @@ def launch(nproc: int, ds_config: dict, train, argv: list[str]) -> int:
         shutil.rmtree(train.out_dir, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the launcher leaves it unset: 2-25x slower steps
+    from minillm.parallel.launch import free_port
+
     command = [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
+        "--master_port",  # a free one, not the fixed default that another run may hold
+        str(free_port()),
         "--num_gpus",
         str(nproc),
         "--module",
@@ -223,13 +227,12 @@ class DeepSpeedTrainEngine:
         return self.engine(x, y)[1]
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); this one only counts
 
     def step(self) -> float | None:
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        if not boundary:
-            return None
+        self.engine.step()  # the last micro-batch of the window: the real update
         norm = self.engine.get_global_grad_norm()  # None at ZeRO-0 in fp32
         return None if norm is None else float(norm)
 

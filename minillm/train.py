@@ -505,7 +505,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], list[dict
         if not path.exists():
             return []
         with open(path, newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            # An empty cell (DeepSpeed reports no gradient norm at ZeRO-0) reads as NaN.
+            return [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
     return rows(Trainer.METRICS), rows(Trainer.EVALS)
 

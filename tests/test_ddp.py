@@ -9,6 +9,7 @@ from minillm.errors import InputError
 from minillm.model import GPT, GPTConfig
 from minillm.parallel import ddp
 from minillm.parallel.ddp import DataParallel, make_buckets, shard_batch
+from minillm.parallel.launch import launch
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 CAP_MB = 0.02  # about 20 KB: the test GPT's 120 KB of gradients fill several buckets
@@ -68,3 +69,30 @@ def test_every_mode_matches_torch_ddp_and_one_process_each_step(grad_accum):
     engine = report["engine"]
     assert engine["steps"] == 2
     assert engine["weights_vs_plain"] < 1e-6 and engine["grad_norm_vs_plain"] < 1e-5
+
+
+@pytest.mark.multiprocess
+def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path):
+    """The unchanged Trainer, driven by DDPEngine on 2 processes, logs the losses of one process
+    training on both ranks' rows (batch 2 x 4 = 8), to float32 rounding."""
+    from minillm.parallel.ddp import train_worker
+    from minillm.train import Trainer, load_config, read_metrics
+
+    overrides = [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=16",
+        "max_iters=6",
+        "eval_interval=6",
+        "eval_iters=1",
+        "checkpoint_interval=6",
+        "sample_tokens=0",
+        "optim.warmup_iters=2",
+    ]
+    ddp = load_config(None, [*overrides, "batch_size=4", f"out_dir={tmp_path / 'ddp'}"])
+    losses = launch(train_worker, 2, ddp, "overlapped", echo=False)[0]
+    single = load_config(None, [*overrides, "batch_size=8", f"out_dir={tmp_path / 'single'}"])
+    Trainer(single, progress=False).fit()
+    expected = [row["loss"] for row in read_metrics(single.out_dir)[0]]
+    assert losses == pytest.approx(expected, abs=1e-5)

@@ -72,9 +72,9 @@ def test_shipped_configs_are_valid_for_two_cpu_processes(path):
     DeepSpeedConfig({**config, "train_batch_size": 4, "gradient_accumulation_steps": 1})
 
 
-def _launch(tmp_path: Path, config: str, *extra: str) -> subprocess.CompletedProcess:
-    overrides = [*TINY, f"out_dir={tmp_path / 'ds'}", *extra]
-    command = [
+def _command(run_dir: Path, config: str, *extra: str) -> list[str]:
+    overrides = [*TINY, f"out_dir={run_dir}", *extra]
+    return [
         sys.executable,
         "-m",
         "minillm.cli",
@@ -85,22 +85,109 @@ def _launch(tmp_path: Path, config: str, *extra: str) -> subprocess.CompletedPro
         "2",
         *[a for o in overrides for a in ("--set", o)],
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def _launch(run_dir: Path, config: str, *extra: str) -> subprocess.CompletedProcess:
+    run = subprocess.run(
+        _command(run_dir, config, *extra),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)[0]]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The single-process Trainer on the same sequences: 2 ranks x 4 = 8 per step; with
+    accumulation, 2 micro-steps of 2 ranks x 2 = one process's 2 micro-steps of 4."""
+    folder = tmp_path_factory.mktemp("single")
+    runs = {
+        "plain": ("batch_size=8",),
+        "accumulated": ("batch_size=4", "grad_accum=2", "optim.grad_clip=0.05"),
+    }
+    losses = {}
+    for name, extra in runs.items():
+        trainer = Trainer(train_config(*extra, f"out_dir={folder / name}"), progress=False)
+        losses[name] = _losses(trainer.fit().run_dir)
+    return losses
+
+
+# fp32 losses of ZeRO 0-3 agree with the single process to float32 rounding (measured <= 5e-7).
+PARITY = 1e-5
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_checkpoint(tmp_path):
-    run = _launch(tmp_path, "zero2.json")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    reference = Trainer(
-        train_config("batch_size=8", f"out_dir={tmp_path / 'single'}"), progress=False
-    ).fit()
-    ds_losses = [r["loss"] for r in read_metrics(tmp_path / "ds")[0]]
-    single = [r["loss"] for r in read_metrics(reference.run_dir)[0]]
-    assert len(ds_losses) == 12
-    assert ds_losses == pytest.approx(single, abs=1e-5)
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_match_the_single_process_trainer(stage, tmp_path, single_process):
+    _launch(tmp_path / "ds", f"zero{stage}.json")
+    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_accumulation_and_clipping_match_the_trainer(tmp_path, single_process):
+    """2 ranks x 2 micro-batches of 2 sequences, clipped at 0.05."""
+    _launch(tmp_path / "ds", "zero2.json", "batch_size=2", "grad_accum=2", "optim.grad_clip=0.05")
+    assert _losses(tmp_path / "ds") == pytest.approx(single_process["accumulated"], abs=PARITY)
+    norms = [r["grad_norm"] for r in read_metrics(tmp_path / "ds")[0]]
+    assert min(norms) > 0.05  # every step's norm was above the limit, so every step was clipped
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_cpu_offload_trains_and_matches(tmp_path, single_process):
+    _launch(tmp_path / "ds", "zero2_offload.json")
+    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_zero_run_resumes_where_an_uninterrupted_one_ends(stage, tmp_path):
+    import signal
+    import time
+
+    config = f"zero{stage}.json"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _launch(whole, config)
+    process = subprocess.Popen(
+        _command(killed, config),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = killed / "metrics.csv"
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 8:  # past step 6's save
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, at once
+    process.wait()
+    resumed = _launch(killed, config)
+    assert "resuming from" in resumed.stdout
+    assert _losses(killed) == _losses(whole)  # bitwise
+    final = "checkpoints/step_0000012/model.safetensors"
+    assert (killed / final).read_bytes() == (whole / final).read_bytes()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_checkpoint(
+    tmp_path, single_process
+):
+    run = _launch(tmp_path / "ds", "zero2.json")
+    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
     live_sample = run.stdout.split("--- sample ---\n", 1)[1]  # printed by rank 0's live model
     model, tokenizer = load_for_sampling(tmp_path / "ds")
     config = train_config()

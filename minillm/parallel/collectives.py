@@ -103,10 +103,14 @@ def fit_ring_cost(
     n_bytes: list[float], world_sizes: list[int], seconds: list[float]
 ) -> tuple[float, float]:
     """Least-squares `(bandwidth, latency)` of `ring_cost` for measured times: the model is linear
-    in 1/B and latency, with features 2(p-1)/p * n and 2(p-1)."""
+    in 1/B and latency, with features 2(p-1)/p * n and 2(p-1). Relative errors are minimised
+    (each row divided by its time), so microsecond and millisecond messages count alike."""
     p = np.asarray(world_sizes, dtype=float)
+    t = np.asarray(seconds, dtype=float)
     features = np.stack([2 * (p - 1) / p * np.asarray(n_bytes, dtype=float), 2 * (p - 1)], axis=1)
-    (inv_bandwidth, latency), *_ = np.linalg.lstsq(features, np.asarray(seconds), rcond=None)
+    (inv_bandwidth, latency), *_ = np.linalg.lstsq(
+        features / t[:, None], np.ones_like(t), rcond=None
+    )
     if inv_bandwidth <= 0:
         raise InputError("the times do not grow with the message size; measure larger messages")
     return 1.0 / inv_bandwidth, max(float(latency), 0.0)

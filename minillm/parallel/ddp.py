@@ -151,9 +151,9 @@ class DataParallel(nn.Module):
 
 class DDPEngine(PlainEngine):
     """`PlainEngine` (autocast, accumulation, clipping, AdamW, schedule) made data-parallel:
-    `forward` gets the global batch and computes this rank's shard; the backward pass of the last
-    micro-batch of each accumulation window averages the gradients, the others skip it. The loss
-    returned is this rank's shard's. Use `functools.partial(DDPEngine, mode=...)` as a Trainer's
+    `shard` keeps this rank's rows of the global batch; the backward pass of the last micro-batch
+    of each accumulation window averages the gradients, the others skip it; `mean` averages a
+    number (the loss) over the ranks. Use `functools.partial(DDPEngine, mode=...)` as a Trainer's
     `engine_factory`; every rank must draw the same global batches (the same seed)."""
 
     def __init__(
@@ -169,12 +169,26 @@ class DDPEngine(PlainEngine):
         super().__init__(model, config, device)
         self.ddp = DataParallel(model, mode, bucket_cap_mb, group)
         self.rank, self.world_size = dist.get_rank(group), self.ddp.world_size
-        shard_batch(torch.empty(config.batch_size), 0, self.world_size)  # refuse bad sizes now
+        self.group = group
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return super().forward(
-            shard_batch(x, self.rank, self.world_size), shard_batch(y, self.rank, self.world_size)
+    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return shard_batch(x, self.rank, self.world_size), shard_batch(
+            y, self.rank, self.world_size
         )
+
+    def save_checkpoint(self, run_dir, step, state, config, keep, tokenizer):
+        """Every rank holds the same weights and optimizer state: rank 0 writes, the others wait."""
+        from minillm import checkpoint
+
+        if self.rank == 0:
+            super().save_checkpoint(run_dir, step, state, config, keep, tokenizer)
+        dist.barrier(group=self.group)
+        return checkpoint.checkpoint_dir(run_dir, step)
+
+    def mean(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return total.item() / self.world_size
 
     def backward(self, loss: Tensor) -> None:
         last = (self._micro + 1) % self.config.grad_accum == 0
@@ -294,7 +308,7 @@ def _engine_vs_plain(base: GPT, batches, batch_size: int, grad_accum: int) -> di
         engine = factory(model, config, base.lm_head.weight.device)
         norms[name] = []
         for x, y in batches:
-            engine.backward(engine.forward(x, y))
+            engine.backward(engine.forward(*engine.shard(x, y)))
             norm = engine.step()
             if norm is not None:
                 norms[name].append(norm)
@@ -347,3 +361,13 @@ def time_data_parallel(
         n_head=config.n_head, n_layer=config.n_layer, batch_size=batch_size
     )
     return launch(timing_worker, world_size, config, batch_size, steps, bucket_cap_mb)[0]
+
+
+def train_worker(rank: int, world_size: int, config: TrainConfig, mode: str) -> list[float]:
+    """The Trainer with `DDPEngine`; rank 0 returns the (rank-averaged) loss of every step."""
+    from functools import partial
+
+    from minillm.train import Trainer, read_metrics
+
+    Trainer(config, progress=False, engine_factory=partial(DDPEngine, mode=mode)).fit()
+    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

@@ -1,0 +1,163 @@
+"""Chapter 09 solutions: ZeRO's arithmetic and one ZeRO-1 step, then a DeepSpeed config.
+
+The reference answers to exercises/ch09_zero.py, written from torch and torch.distributed
+(`minillm grade ch09 --impl solutions` scores full marks).
+
+Conventions as in the chapter: N = `world_size` ranks; a flat buffer of n values is padded to a
+multiple of N and rank r owns the r-th of N equal slices; sizes are bytes; fp32 training keeps
+4-byte weights and gradients and Adam's two 4-byte moments (16 bytes a parameter), mixed
+precision (bf16/fp16) keeps 2-byte weights and gradients plus an fp32 master copy and the two
+fp32 moments (2 + 2 + 12 = 16 bytes a parameter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The slice `[start, end)` of a flat buffer of `numel` values that `rank` owns, after the
+    buffer is padded to a multiple of `world_size` so that every rank's slice has the same size
+    `ceil(numel / world_size)` (collectives need equal sizes). `end` may pass `numel`: the
+    padding.
+
+    >>> [shard_range(10, r, 4) for r in range(4)]
+    [(0, 3), (3, 6), (6, 9), (9, 12)]
+    """
+    size = math.ceil(numel / world_size)
+    return rank * size, (rank + 1) * size
+
+
+def bytes_per_rank(
+    n_params: int, stage: int, world_size: int, precision: str = "fp32"
+) -> dict[str, int]:
+    """Bytes one rank holds at ZeRO `stage` (0-3) for a model of `n_params` parameters:
+    `{"parameters": ..., "gradients": ..., "optimizer": ...}`, where "optimizer" is Adam's two
+    fp32 moments plus, in mixed precision ("bf16" or "fp16"), the fp32 master weights.
+
+    Stage 1 shards the optimizer states, stage 2 also the gradients, stage 3 also the parameters;
+    a sharded part holds `ceil(n_params / world_size)` values on each rank.
+
+    >>> bytes_per_rank(1000, 1, 4, "bf16")
+    {'parameters': 2000, 'gradients': 2000, 'optimizer': 3000}
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    low = 4 if precision == "fp32" else 2  # bytes of a weight and of a gradient
+    optimizer = 8 if precision == "fp32" else 12  # m and v, plus the fp32 master copy
+    shard = math.ceil(n_params / world_size)
+    return {
+        "parameters": low * (shard if stage >= 3 else n_params),
+        "gradients": low * (shard if stage >= 2 else n_params),
+        "optimizer": optimizer * (shard if stage >= 1 else n_params),
+    }
+
+
+def max_params(memory_bytes: float, stage: int, world_size: int, precision: str = "bf16") -> int:
+    """The largest parameter count whose model state (`bytes_per_rank`'s three parts together)
+    fits in `memory_bytes` per rank at ZeRO `stage`; activations not counted.
+
+    >>> max_params(80e9, 0, 8)  # 16 bytes a parameter, unsharded: 5e9
+    5000000000
+    >>> max_params(80e9, 3, 8)  # 16 / 8 = 2 bytes a parameter on each rank
+    40000000000
+    """
+    low, high = 0, 1
+    while sum(bytes_per_rank(high, stage, world_size, precision).values()) <= memory_bytes:
+        low, high = high, 2 * high
+    while high - low > 1:  # the state grows with n: bisect for the last n that fits
+        mid = (low + high) // 2
+        fits = sum(bytes_per_rank(mid, stage, world_size, precision).values()) <= memory_bytes
+        low, high = (mid, high) if fits else (low, mid)
+    return low
+
+
+def zero1_adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """One ZeRO-1 AdamW step, run in every rank. `param` `(n,)` is the flat fp32 parameter
+    vector, the same on every rank; `grad` `(n,)` is this rank's own gradient (of its shard of
+    the batch). Average the gradients over the ranks, update this rank's `shard_range` slice of
+    `param` only, with torch.optim.AdamW's rule, then all-gather so that every rank holds the
+    whole updated `param` (in place).
+
+    `state` is this rank's optimizer state, empty before the first step: keep in it `"step"` (an
+    int) and `"exp_avg"`, `"exp_avg_sq"`, each of the slice's size (`ceil(n / N)`), not n.
+    AdamW, with t the step count after incrementing it:
+        p *= 1 - lr * weight_decay
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    Example, 2 ranks, n = 3: rank 0 updates param[0:2], rank 1 param[2:3] (its slice [2, 4)
+    is padded by one value); both end with all 3 values updated, `state["exp_avg"].shape == (2,)`.
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    n = param.numel()
+    start, end = shard_range(n, rank, world_size)
+    size = end - start
+    padded = torch.zeros(size * world_size, dtype=param.dtype)
+    padded[:n] = grad
+    dist.all_reduce(padded)
+    g = padded[start:end] / world_size
+    flat = torch.zeros_like(padded)
+    flat[:n] = param
+    p = flat[start:end].clone()
+    if not state:
+        zeros = torch.zeros(size, dtype=param.dtype)
+        state.update(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
+    b1, b2 = betas
+    state["step"] += 1
+    t = state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    p.mul_(1 - lr * weight_decay)
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    p.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
+    dist.all_gather_single(flat, p)
+    param.copy_(flat[:n])
+
+
+def deepspeed_config(
+    world_size: int,
+    micro_batch: int,
+    grad_accum: int,
+    stage: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+) -> dict:
+    """A DeepSpeed JSON config (as a dict) for `world_size` data-parallel ranks: batch sizes that
+    multiply out (`train_batch_size` = micro batch x accumulation x ranks), the ZeRO `stage` in
+    `zero_optimization`, an explicit `gradient_clipping` (DeepSpeed 0.19 otherwise clips at 1.0),
+    an `AdamW` optimizer with `lr`, `weight_decay` and `"torch_adam": true` (no C++ build), and
+    mixed precision in bf16 (`"bf16": {"enabled": true}`), never fp16: DeepSpeed refuses fp16 on
+    a CPU, and bf16 needs no loss scaling.
+
+    >>> deepspeed_config(2, 4, 1, 2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)["train_batch_size"]
+    8
+    """
+    return {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+        },
+        "bf16": {"enabled": True},
+        "fp16": {"enabled": False},
+        "zero_optimization": {"stage": stage},
+    }

@@ -1,0 +1,119 @@
+"""Graded tests for chapter 09 (ZeRO and DeepSpeed): `minillm grade ch09`.
+
+The ZeRO-1 step runs in two real processes: `launch` starts them and calls the runner below,
+which imports the implementation being graded by its package name (exercises or solutions).
+References: hand-counted bytes (the ZeRO paper's 2 + 2 + 12 layout), torch.optim.AdamW on the
+averaged gradient in float64 (atol 1e-12), and DeepSpeed's own config parser.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from minillm import ds
+from minillm.parallel.launch import launch
+from minillm.train import TrainConfig
+
+
+@pytest.fixture
+def package(request):
+    return request.config.getoption("--impl")
+
+
+def _run_zero1(rank, world_size, package, n, steps):
+    ex = importlib.import_module(f"{package}.ch09_zero")
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(n, generator=g, dtype=torch.float64)
+    grads = [torch.randn(world_size, n, generator=g, dtype=torch.float64) for _ in range(steps)]
+    param, state = start.clone(), {}
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.1, foreach=False)
+    for step_grads in grads:
+        ex.zero1_adamw_step(param, step_grads[rank].clone(), state, lr=0.1, weight_decay=0.1)
+        reference.grad = step_grads.mean(0)
+        optimizer.step()
+    sizes = {k: v.numel() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return (param - reference.detach()).abs().max().item(), sizes
+
+
+@pytest.mark.points(2)
+def test_shard_range(impl):
+    """Catches a missing padding (`numel // world_size`, which drops the last values, or a last
+    shard of another size): every slice has ceil(n / N) values and together they cover n."""
+    ex = impl("ch09_zero")
+    assert [ex.shard_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    for n, world in ((8, 2), (7, 3), (1, 4), (1000, 7)):
+        ranges = [ex.shard_range(n, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] >= n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert {end - start for start, end in ranges} == {-(-n // world)}
+
+
+@pytest.mark.points(3)
+def test_bytes_per_rank(impl):
+    """Catches sharding the parameters already at stage 2 (only stage 3 does), sharding the
+    gradients at stage 1, and forgetting the fp32 master copy in mixed precision (12 bytes of
+    optimizer state a parameter, not 8). Hand-counted: P = 1000, N = 4."""
+    ex = impl("ch09_zero")
+    P, N = 1000, 4
+    mixed = [ex.bytes_per_rank(P, s, N, "bf16") for s in range(4)]
+    assert mixed[0] == {"parameters": 2 * P, "gradients": 2 * P, "optimizer": 12 * P}
+    assert mixed[1] == {"parameters": 2 * P, "gradients": 2 * P, "optimizer": 12 * P // N}
+    assert mixed[2] == {"parameters": 2 * P, "gradients": 2 * P // N, "optimizer": 12 * P // N}
+    assert mixed[3] == {"parameters": 2 * P // N, "gradients": 2 * P // N, "optimizer": 3 * P}
+    fp32 = ex.bytes_per_rank(P, 2, N, "fp32")
+    assert fp32 == {"parameters": 4 * P, "gradients": P, "optimizer": 2 * P}
+    assert ex.bytes_per_rank(10, 3, 4, "fp16")["parameters"] == 2 * 3  # ceil(10 / 4) values
+
+
+@pytest.mark.points(2)
+def test_max_params(impl):
+    """Catches counting only the weights (2 bytes, not 16, a parameter), dividing everything by
+    N at every stage, and an off-by-one at the boundary: the answer must fit and one more
+    parameter must not."""
+    ex = impl("ch09_zero")
+    assert ex.max_params(80e9, 0, 8) == 5_000_000_000
+    assert ex.max_params(80e9, 3, 8) == 40_000_000_000
+    for stage in range(4):
+        n = ex.max_params(1e6, stage, 4, "bf16")
+        assert sum(ex.bytes_per_rank(n, stage, 4, "bf16").values()) <= 1e6
+        assert sum(ex.bytes_per_rank(n + 1, stage, 4, "bf16").values()) > 1e6
+    assert ex.max_params(1e6, 1, 4, "fp32") == 100_000  # fp32 stage 1: 4 + 4 + 8 / 4 bytes
+
+
+@pytest.mark.points(4)
+@pytest.mark.multiprocess
+def test_zero1_adamw_step(package):
+    """Two processes, 3 steps on a vector of 7 values (padded to 8): catches a summed instead of
+    averaged gradient, a missing all-gather (each rank keeps only its own update), a slice
+    without padding, bias correction or decoupled weight decay done differently from AdamW, and
+    optimizer states kept for the whole vector instead of the rank's slice."""
+    results = launch(_run_zero1, 2, package, 7, 3, echo=False)
+    for gap, sizes in results:
+        assert gap < 1e-12
+        assert sizes == {"exp_avg": 4, "exp_avg_sq": 4}
+
+
+@pytest.mark.points(3)
+def test_deepspeed_config(impl):
+    """Catches batch sizes that do not multiply out, a missing `gradient_clipping` (DeepSpeed
+    0.19 would silently clip at 1.0), fp16 (refused on a CPU), and a misspelt section such as
+    `zero_optimisation` (DeepSpeed ignores it silently; minillm.ds.prepare_config refuses it)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ex = impl("ch09_zero")
+    for world, micro, accum, stage in ((2, 4, 1, 2), (8, 2, 4, 3), (4, 3, 2, 1)):
+        config = ex.deepspeed_config(
+            world, micro, accum, stage, lr=3e-4, weight_decay=0.1, grad_clip=0.5
+        )
+        assert config["gradient_clipping"] == 0.5
+        assert config["bf16"]["enabled"] is True and not config.get("fp16", {}).get("enabled")
+        train = TrainConfig(batch_size=micro, grad_accum=accum, precision="bf16")
+        checked = ds.prepare_config(config, train, world, "cpu")  # refuses unknown keys
+        assert checked["train_batch_size"] == micro * accum * world
+        assert checked["zero_optimization"]["stage"] == stage
+        assert checked["optimizer"]["params"]["lr"] == 3e-4
+        # DeepSpeed's own parser, in this one process: a world of 1.
+        parsed = DeepSpeedConfig({**checked, "train_batch_size": micro * accum})
+        assert parsed.zero_optimization_stage == stage and parsed.gradient_clipping == 0.5
