@@ -64,12 +64,22 @@ def test_bad_configs_are_refused_before_launch(config, message):
         ds.prepare_config(config, train_config(), 2, "cpu")
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.stem)
+CPU_CONFIGS = sorted(p for p in CONFIGS.glob("*.json") if "fp16" not in p.name)
+
+
+@pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_are_valid_for_two_cpu_processes(path):
     config = ds.prepare_config(ds.load_config(path), train_config(), 2, "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     DeepSpeedConfig({**config, "train_batch_size": 4, "gradient_accumulation_steps": 1})
+
+
+def test_the_fp16_config_is_for_gpus_only():
+    config = ds.load_config(CONFIGS / "zero2_fp16.json")
+    with pytest.raises(InputError, match="fp16 is not supported by DeepSpeed on a CPU"):
+        ds.prepare_config(config, train_config(), 2, "cpu")
+    assert ds.prepare_config(config, train_config(), 2, "cuda")["fp16"]["enabled"] is True
 
 
 def _command(run_dir: Path, config: str, *extra: str) -> list[str]:
