@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     theirs = train_hf_bpe(text, args.vocab_size)
     theirs_s = time.perf_counter() - start
 
-    print(f"tiny Shakespeare: {n_bytes:,} bytes; vocabulary {args.vocab_size} "
-          f"(256 bytes + merges + 1 special token)")
+    print(
+        f"tiny Shakespeare: {n_bytes:,} bytes; vocabulary {args.vocab_size} "
+        f"(256 bytes + merges + 1 special token)"
+    )
     print(f"{'':<12} {'train s':>8} {'bytes/token':>12}")
     print(f"{'minillm':<12} {ours_s:8.2f} {n_bytes / len(ours.encode(text)):12.3f}")
     print(f"{'tokenizers':<12} {theirs_s:8.2f} {n_bytes / len(theirs.encode(text).ids):12.3f}")

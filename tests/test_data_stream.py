@@ -30,10 +30,18 @@ def tiny_corpus(tmp_path, monkeypatch) -> str:
     """A registered corpus named 'tiny' already in a temporary data cache."""
     raw = TEXT.encode()
     monkeypatch.setenv("MINILLM_DATA", str(tmp_path))
-    monkeypatch.setitem(CORPORA, "tiny", Corpus(
-        name="tiny", url="http://127.0.0.1:9/never-fetched", sha256=hashlib.sha256(raw).hexdigest(),
-        size=len(raw), filename="input.txt", description="a test corpus",
-    ))
+    monkeypatch.setitem(
+        CORPORA,
+        "tiny",
+        Corpus(
+            name="tiny",
+            url="http://127.0.0.1:9/never-fetched",
+            sha256=hashlib.sha256(raw).hexdigest(),
+            size=len(raw),
+            filename="input.txt",
+            description="a test corpus",
+        ),
+    )
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "input.txt").write_bytes(raw)
     return "tiny"
@@ -90,8 +98,10 @@ def test_split_keeps_the_first_part_for_training_and_the_last_for_validation():
     assert train[-1] == 749 and val[0] == 750
 
 
-@pytest.mark.parametrize("fraction, error", [(0, InputError), (1.0, InputError), (-0.1, InputError),
-                                             ("0.1", InputTypeError)])
+@pytest.mark.parametrize(
+    "fraction, error",
+    [(0, InputError), (1.0, InputError), (-0.1, InputError), ("0.1", InputTypeError)],
+)
 def test_split_rejects_fractions_outside_zero_to_one(fraction, error):
     with pytest.raises(error, match="val_fraction"):
         train_val_split(np.arange(100), fraction)

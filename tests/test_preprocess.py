@@ -19,6 +19,7 @@ from minillm.errors import InputError, InputTypeError, MiniLLMError
 F64 = {"atol": 1e-12, "rtol": 0.0}
 SEED_LIST = [10, 12, 12, 13, 12, 100]  # seed 004's example (erratum 1)
 
+
 def random_series(n=50, seed=0):
     return np.random.default_rng(seed).normal(5.0, 2.0, size=n)
 

@@ -58,7 +58,14 @@ def small_bpe(shakespeare) -> BPETokenizer:
 
 def test_pretokenize_splits_like_gpt2_and_like_tokenizers():
     assert pretokenize("Hello world's 42!!  x\n") == [
-        "Hello", " world", "'s", " 42", "!!", " ", " x", "\n"
+        "Hello",
+        " world",
+        "'s",
+        " 42",
+        "!!",
+        " ",
+        " x",
+        "\n",
     ]
     hf_split = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(MIXED_TEXT)
     hf_pieces = [_hf_bytes(piece).decode() for piece, _ in hf_split]
@@ -99,7 +106,9 @@ def test_bpe_learns_the_hand_computed_merges():
     wins (97 ranks before the new token 256); then 'Z' + 'ab' occurs twice."""
     merges = learn_merges({b"aaabdaaabac": 1}, 3)
     assert [(m.pair, m.token, m.count) for m in merges] == [
-        ((97, 97), 256, 4), ((97, 98), 257, 2), ((256, 257), 258, 2)
+        ((97, 97), 256, 4),
+        ((97, 98), 257, 2),
+        ((256, 257), 258, 2),
     ]
     tok = BPETokenizer.train("aaabdaaabac", 260)
     assert tok.merges == [(97, 97), (97, 98), (256, 257)]
@@ -137,7 +146,7 @@ def test_special_tokens_are_single_ids_unless_disallowed(small_bpe):
     eot = small_bpe.special_tokens[ENDOFTEXT]
     assert eot == small_bpe.vocab_size - 1
     ids = small_bpe.encode(f"the end{ENDOFTEXT}The")
-    assert ids.count(eot) == 1 and small_bpe.decode(ids[ids.index(eot):]) == f"{ENDOFTEXT}The"
+    assert ids.count(eot) == 1 and small_bpe.decode(ids[ids.index(eot) :]) == f"{ENDOFTEXT}The"
     plain = small_bpe.encode(f"the end{ENDOFTEXT}The", allow_special=False)
     assert eot not in plain and len(plain) > len(ids)
 

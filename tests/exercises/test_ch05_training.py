@@ -162,8 +162,16 @@ def test_warmup_cosine_lr_ends_at_min_lr_and_stays_there(impl):
 
     # By hand: first step 1/4 of the peak, the peak at steps 3 and 4, halfway (step 14) the mean
     # of the two ends, min_lr at step 24 and after.
-    for step, expected in [(0, 0.25), (3, 1.0), (4, 1.0), (14, 0.55), (24, 0.1), (25, 0.1),
-                           (40, 0.1), (1000, 0.1)]:
+    for step, expected in [
+        (0, 0.25),
+        (3, 1.0),
+        (4, 1.0),
+        (14, 0.55),
+        (24, 0.1),
+        (25, 0.1),
+        (40, 0.1),
+        (1000, 0.1),
+    ]:
         assert lr(step) == pytest.approx(expected, abs=1e-12), f"step {step}"
     assert lr(0, warmup=0) == pytest.approx(1.0, abs=1e-12), "no warm-up: start at max_lr"
 
