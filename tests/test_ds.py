@@ -205,3 +205,34 @@ def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_check
         model, tokenizer, config.sample_prompt, config.sample_tokens, seed=config.seed
     )
     assert live_sample.startswith(exported + "\n")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_torchrun_launches_the_same_job(tmp_path, single_process):
+    overrides = [*TINY, f"out_dir={tmp_path / 'tr'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "minillm.cli",
+        "train",
+        "--deepspeed",
+        str(CONFIGS / "zero2.json"),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _losses(tmp_path / "tr") == pytest.approx(single_process["plain"], abs=PARITY)
+    # The exported checkpoint also converts to transformers' GPT-2 with the same logits.
+    import torch
+
+    from minillm.hf import to_hf
+
+    model, _ = load_for_sampling(tmp_path / "tr")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    torch.testing.assert_close(to_hf(model)(ids).logits, model(ids)[0], atol=1e-5, rtol=0)
