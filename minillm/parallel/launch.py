@@ -5,7 +5,8 @@ safe), joins them into one process group (gloo on CPUs, NCCL when every rank has
 `fn(rank, world_size, *args)` in each and returns the results in rank order. What each rank prints
 is collected and printed afterwards, prefixed with its rank, so it shows in a notebook cell. An
 exception in any rank is raised here with that rank's traceback. `fn` must be importable (defined
-in a module, not in a notebook cell).
+in a module, not in a notebook cell), and a script that calls `launch` needs an
+`if __name__ == "__main__":` guard, since each spawned process imports the script again.
 """
 
 from __future__ import annotations
