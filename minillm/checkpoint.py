@@ -117,9 +117,14 @@ def save(
         tokenizer.save(tmp / TOKENIZER)
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed run)
     tmp.rename(final)
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (all are kept when keep <= 0)."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -255,8 +255,6 @@ class DeepSpeedTrainEngine:
         """Every rank writes its shard with DeepSpeed's `save_checkpoint`; rank 0 then exports
         the full fp32 weights as `model.safetensors` (written last, so its presence marks the
         checkpoint complete), with the config and tokenizer `minillm sample` reads."""
-        import shutil
-
         import torch.distributed as dist
         import yaml
         from safetensors.torch import save_model
@@ -275,8 +273,7 @@ class DeepSpeedTrainEngine:
             tmp = folder / f".{checkpoint.WEIGHTS}.tmp"
             save_model(model, str(tmp))
             tmp.rename(folder / checkpoint.WEIGHTS)
-            for old in checkpoint.list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoint.prune(run_dir, keep)
         dist.barrier()
         return folder
 

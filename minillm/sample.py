@@ -12,8 +12,6 @@ from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 
-TOKENIZER_FILE = checkpoint.TOKENIZER
-
 
 def generate_text(
     model: GPT,
@@ -60,9 +58,9 @@ def load_for_sampling(
     config = checkpoint.load_config(folder)
     model = GPT(GPTConfig.from_dict(config["model"])).to(device)
     checkpoint.load_weights(folder, model)
-    tokenizer_file = folder / TOKENIZER_FILE
+    tokenizer_file = folder / checkpoint.TOKENIZER
     if not tokenizer_file.is_file():
         raise checkpoint.CheckpointError(
-            f"{folder} has no {TOKENIZER_FILE}; it cannot decode samples"
+            f"{folder} has no {checkpoint.TOKENIZER}; it cannot decode samples"
         )
     return model, load_tokenizer(tokenizer_file)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from minillm import checkpoint, data
 from minillm.config import apply_overrides, build, load_yaml, to_dict
 from minillm.errors import InputError, MiniLLMError, unknown_name
 from minillm.model import GPT, GPTConfig
-from minillm.sample import TOKENIZER_FILE, generate_text
+from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 
@@ -283,8 +284,8 @@ class Trainer:
         self.engine = engine_factory(self.model, c, self.device)
         self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics
         self.progress = progress and self.is_main
-        if self.is_main and not (self.run_dir / TOKENIZER_FILE).is_file():
-            self.tokenizer.save(self.run_dir / TOKENIZER_FILE)
+        if self.is_main and not (self.run_dir / checkpoint.TOKENIZER).is_file():
+            self.tokenizer.save(self.run_dir / checkpoint.TOKENIZER)
         self.train_batches, self.val_tokens, self.train_tokens = self._data(text)
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -292,7 +293,7 @@ class Trainer:
 
     # -- data and tokenizer ------------------------------------------------------------------
     def _tokenizer(self, text: str) -> Tokenizer:
-        saved = self.run_dir / TOKENIZER_FILE
+        saved = self.run_dir / checkpoint.TOKENIZER
         if saved.is_file():  # a resumed run keeps the vocabulary it started with
             return load_tokenizer(saved)
         return build_tokenizer(self.config.data, text)  # rank 0 saves it once the engine is up
@@ -524,10 +525,11 @@ def plot_curves(run_dir: str | Path, ax=None):
         y = [r["loss"] for r in steps]
         ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (each step)")
         window = max(1, len(y) // 50)
-        smooth = [
-            sum(y[max(0, i - window + 1) : i + 1]) / len(y[max(0, i - window + 1) : i + 1])
-            for i in range(len(y))
-        ]
+        # Trailing mean over the last `window` steps (fewer at the start), from a running sum.
+        totals = np.concatenate(([0.0], np.cumsum(y)))
+        ends = np.arange(1, len(y) + 1)
+        starts = np.maximum(0, ends - window)
+        smooth = (totals[ends] - totals[starts]) / (ends - starts)
         ax.plot(x, smooth, color="tab:blue", lw=1.5, label=f"train loss (mean of {window})")
     if evals:
         ax.plot(
