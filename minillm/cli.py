@@ -97,7 +97,7 @@ def _train(args) -> int:
         config.device = ds.rank_device()
 
         def engine_factory(model, train_config, device):
-            return ds.DeepSpeedTrainEngine(model, train_config, device, ds_config)
+            return ds.make_engine(model, train_config, device, ds_config)
 
     elif args.nproc:
         raise MiniLLMError("--nproc launches DeepSpeed processes; give --deepspeed CONFIG too")

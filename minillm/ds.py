@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from minillm.errors import InputError
+from minillm.model import GPT, GPTConfig, lm_loss, rotary_cos_sin
 
 # Sections DeepSpeed reads that its parser looks up with `.keys()` (so a recorder misses them).
 _READ_VIA_KEYS = {
@@ -99,7 +102,15 @@ def prepare_config(config: dict[str, Any], train, world_size: int, device_type: 
             raise InputError(
                 f"unknown DeepSpeed config key {key!r}{hint} (DeepSpeed would ignore it silently)"
             )
-    data_parallel = world_size // config.get("pipeline", {}).get("stages", 1)
+    stages = config.get("pipeline", {}).get("stages", 1)
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise InputError(f"pipeline.stages must be a whole number of stages >= 1, got {stages!r}")
+    if world_size % stages:
+        raise InputError(
+            f"{world_size} processes cannot form {stages} pipeline stages: the process count "
+            "must be a multiple of pipeline.stages"
+        )
+    data_parallel = world_size // stages
     _fill(config, "train_micro_batch_size_per_gpu", train.batch_size)
     _fill(config, "gradient_accumulation_steps", train.grad_accum)
     micro, accumulation = (
@@ -141,6 +152,16 @@ def prepare_config(config: dict[str, Any], train, world_size: int, device_type: 
         raise InputError(
             f"pipeline parallelism cannot be combined with ZeRO stage {stage}; use "
             "stage 0 or 1 with a pipeline"
+        )
+    if (
+        "pipeline" in config
+        and stage == 0
+        and not config["bf16"]["enabled"]
+        and config["gradient_clipping"] > 0
+    ):
+        raise InputError(  # measured: DeepSpeed 0.19 then clips by stage 0's gradient norm only
+            "a pipeline at ZeRO stage 0 in fp32 clips gradients by the first stage's norm, not "
+            "the whole model's; use ZeRO stage 1 or set optim.grad_clip=0"
         )
     return config
 
@@ -189,8 +210,10 @@ def launch(nproc: int, ds_config: dict, train, argv: list[str]) -> int:
 
 
 class DeepSpeedTrainEngine:
-    """`deepspeed.initialize` behind the Trainer's engine interface. Each rank runs its slice of
-    the global micro-batch; DeepSpeed averages gradients across ranks (ZeRO shards them)."""
+    """`deepspeed.initialize` behind the Trainer's engine interface. Each data-parallel rank runs
+    its slice of the global micro-batch; DeepSpeed averages gradients across ranks (ZeRO shards
+    them). A config with an `activation_checkpointing` section also recomputes every block in
+    the backward pass with `deepspeed.checkpointing.checkpoint`, configured by that section."""
 
     def __init__(self, model: torch.nn.Module, train, device: torch.device, ds_config: dict):
         import deepspeed
@@ -200,8 +223,12 @@ class DeepSpeedTrainEngine:
 
         if not dist.is_initialized():
             deepspeed.init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.config = prepare_config(ds_config, train, self.world_size, device.type)
+        self.rank = dist.get_rank()
+        self.config = prepare_config(ds_config, train, dist.get_world_size(), device.type)
+        self.module = model
+        if "activation_checkpointing" in self.config:
+            deepspeed.checkpointing.configure(None, deepspeed_config=self.config)
+            model.set_activation_checkpointing(True, deepspeed.checkpointing.checkpoint)
         o = train.optim
 
         def schedule(optimizer):
@@ -209,18 +236,30 @@ class DeepSpeedTrainEngine:
                 optimizer, lambda step: lr_at(step, o, train.max_iters) / o.learning_rate
             )
 
+        trained = self._trained_module(model)
+        local = {id(p) for p in trained.parameters()}  # a pipeline stage holds only its layers
+        groups = [
+            {**group, "params": [p for p in group["params"] if id(p) in local]}
+            for group in model.param_groups(o.weight_decay)
+        ]
         self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.param_groups(o.weight_decay),
+            model=trained,
+            model_parameters=[g for g in groups if g["params"]],
             lr_scheduler=schedule,
             config=self.config,
         )
-        self.module = model
+        # The Trainer's world is the data-parallel one: that many ranks split each batch.
+        self.world_size = self.engine.dp_world_size
+        self.data_rank = dist.get_rank(group=self.engine.data_parallel_group)
+
+    def _trained_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What `deepspeed.initialize` wraps: the GPT itself (a pipeline wraps its layers)."""
+        return model
 
     def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of a global micro-batch (batch_size x world_size sequences)."""
+        """This rank's slice of a global micro-batch (batch_size x data-parallel sequences)."""
         size = x.shape[0] // self.world_size
-        rows = slice(self.rank * size, (self.rank + 1) * size)
+        rows = slice(self.data_rank * size, (self.data_rank + 1) * size)
         return x[rows], y[rows]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -240,8 +279,8 @@ class DeepSpeedTrainEngine:
         """The average of a per-rank number (a loss) over the ranks."""
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = torch.tensor([value], dtype=torch.float64, device=self.engine.device)  # NCCL: a GPU
+        dist.all_reduce(t, group=self.engine.data_parallel_group)
         return t.item() / self.world_size
 
     @property
@@ -260,7 +299,6 @@ class DeepSpeedTrainEngine:
         from safetensors.torch import save_model
 
         from minillm import checkpoint
-        from minillm.model import GPT, GPTConfig
 
         folder = checkpoint.checkpoint_dir(run_dir, step)
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=state)
@@ -296,4 +334,147 @@ class DeepSpeedTrainEngine:
             from minillm.checkpoint import CheckpointError
 
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+        return state
+
+
+def make_engine(model: GPT, train, device: torch.device, ds_config: dict) -> DeepSpeedTrainEngine:
+    """The engine `ds_config` asks for: a pipeline engine where it has a `pipeline` section."""
+    engine = PipelineTrainEngine if "pipeline" in ds_config else DeepSpeedTrainEngine
+    return engine(model, train, device, ds_config)
+
+
+# -- pipeline parallelism: the GPT as a sequence of layers (DeepSpeed's PipelineModule) ---------
+
+
+class PipeLayer(nn.Module):
+    """A GPT module used as a pipeline layer as it is (token embedding, final LayerNorm, head)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class PipePositions(nn.Module):
+    """Adds the GPT's learned position embeddings (none with rotary positions) and dropout to
+    the token embeddings `(b, T, C)`."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.pos_emb, self.drop = getattr(gpt, "pos_emb", None), gpt.drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
+        return self.drop(x)
+
+
+def tied_logits(embedding: PipeLayer, x: torch.Tensor) -> torch.Tensor:
+    """The tied LM head: `(b, T, C)` -> logits `(b, T, V)` with the token embedding matrix."""
+    return F.linear(x, embedding.module.weight)
+
+
+class PipeBlock(nn.Module):
+    """One GPT block as a pipeline layer: a single tensor in, a single tensor out."""
+
+    def __init__(self, block: nn.Module, config: GPTConfig):
+        super().__init__()
+        self.block, self.rotary = block, config.positions == "rotary"
+        self.head_dim = config.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        rotary = rotary_cos_sin(positions, self.head_dim) if self.rotary else None
+        return self.block(x, is_causal=True, rotary=rotary)
+
+
+def pipeline_layers(gpt: GPT) -> list:
+    """The GPT as DeepSpeed layer specs: token embedding, positions, blocks, final LayerNorm,
+    head. Each layer wraps the GPT's own module, so a stage trains the GPT's parameters (same
+    names, same initial values as the single-process model); DeepSpeed builds only the layers of
+    this rank's stage."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if gpt.config.tie_weights:
+        # The token embedding is one module on both end stages: it reads tokens in on the
+        # first and scores them out on the last. DeepSpeed adds the two copies' gradients.
+        embedding = TiedLayerSpec(
+            "embedding", PipeLayer, gpt.tok_emb, tied_weight_attr=["module.weight"]
+        )
+        head = TiedLayerSpec(
+            "embedding",
+            PipeLayer,
+            gpt.tok_emb,
+            forward_fn=tied_logits,
+            tied_weight_attr=["module.weight"],
+        )
+    else:
+        embedding, head = LayerSpec(PipeLayer, gpt.tok_emb), LayerSpec(PipeLayer, gpt.lm_head)
+    blocks = [LayerSpec(PipeBlock, block, gpt.config) for block in gpt.blocks]
+    return [embedding, LayerSpec(PipePositions, gpt), *blocks, LayerSpec(PipeLayer, gpt.ln_f), head]
+
+
+class PipelineTrainEngine(DeepSpeedTrainEngine):
+    """DeepSpeed's pipeline engine under the Trainer: the GPT cut into `pipeline.stages` stages
+    (by default an equal number of blocks each), the ranks of each stage forming a data-parallel
+    group. A step is not forward/backward/step per micro-batch here: `train_batch` takes all of
+    a step's micro-batches and runs them through DeepSpeed's 1F1B schedule (chapter 08).
+
+    Every rank builds the whole GPT and keeps its stage's layers in training (fine for the course
+    model; a large model would build only its layers). The ranks' GPTs are brought up to date
+    from all stages whenever a checkpoint is saved or loaded, so sampling sees the trained model.
+    """
+
+    def _trained_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        from deepspeed.pipe import PipelineModule
+
+        pipe = self.config["pipeline"]
+        self.pipeline = PipelineModule(
+            layers=pipeline_layers(model),
+            num_stages=pipe["stages"],
+            loss_fn=lm_loss,
+            partition_method=pipe.get("partition", "type:PipeBlock"),
+            activation_checkpoint_interval=pipe.get("activation_checkpoint_interval", 0),
+            checkpointable_layers=["PipeBlock"],  # never the embedding: its input has no grad
+        )
+        return self.pipeline
+
+    def train_batch(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """One optimizer step on these micro-batches: (mean loss over them and over the
+        data-parallel ranks, the same on every stage; gradient norm before clipping)."""
+        loss = self.engine.train_batch(iter(micro_batches))
+        norm = self.engine.get_global_grad_norm()
+        return float(loss), None if norm is None else float(norm)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch, for evaluation (training goes through `train_batch`)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("a pipeline engine trains with train_batch; forward evaluates")
+        return self.engine.eval_batch(iter([(x, y)]), num_micro_batches=1)
+
+    def mean(self, value: float) -> float:
+        return value  # the pipeline already averaged it over the data-parallel ranks
+
+    def _fp32_state_dict(self, folder: Path | None = None) -> dict[str, torch.Tensor]:
+        """Each stage's weights under the GPT's names, gathered on every rank and loaded into
+        every rank's GPT."""
+        import torch.distributed as dist
+
+        local = {id(p) for p in self.pipeline.parameters()}
+        mine = {
+            name: t.detach().float().cpu()
+            for name, t in self.module.state_dict(keep_vars=True).items()
+            if id(t) in local
+        }
+        parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, mine)
+        weights = {name: t for part in parts for name, t in part.items()}
+        self.module.load_state_dict(weights)  # strict: every weight came from some stage
+        return weights
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = super().load_checkpoint(path)
+        self._fp32_state_dict()
         return state

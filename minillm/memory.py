@@ -20,9 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from minillm.errors import InputError, InputTypeError, require_positive, unknown_name
 from minillm.model import GPT, GPTConfig
@@ -281,14 +279,15 @@ def activation_bytes(
 
 
 def forward_with_checkpointing(model: GPT, idx: Tensor, targets: Tensor) -> Tensor:
-    """`model(idx, targets)`'s loss, with every block wrapped in `torch.utils.checkpoint`: its
-    inner activations are dropped after the forward pass and recomputed during backward."""
-    positions = torch.arange(idx.shape[1], device=idx.device)
-    x = model.drop(model.tok_emb(idx) + model.pos_emb(positions))
-    for block in model.blocks:
-        x = checkpoint(block, x, is_causal=True, use_reentrant=False)
-    logits = model.lm_head(model.ln_f(x))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """`model(idx, targets)`'s loss, with every block wrapped in `torch.utils.checkpoint`
+    (`GPT.set_activation_checkpointing`): its inner activations are dropped after the forward
+    pass and recomputed during backward. The model's setting is restored afterwards."""
+    previous = model.activation_checkpoint
+    model.set_activation_checkpointing(True)
+    try:
+        return model(idx, targets)[1]
+    finally:
+        model.activation_checkpoint = previous
 
 
 def saved_activation_bytes(model: nn.Module, forward: Callable[[], Tensor]) -> tuple[int, Tensor]:

@@ -19,6 +19,7 @@ plain loop, DDP, DeepSpeed).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +27,7 @@ from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from minillm.attention import merge_heads
@@ -303,7 +305,7 @@ def _check_token_ids(idx: Any, vocab_size: int, block_size: int | None, name: st
         )
 
 
-def _lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
+def lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
     """Mean cross-entropy of `logits` `(B, T, V)` against `targets` `(B, T)`, skipping -100."""
     if targets is None:
         return None
@@ -420,6 +422,25 @@ class GPT(nn.Module):
             # One matrix both reads tokens in and scores them out (GPT-2, and V*C fewer parameters).
             self.lm_head.weight = self.tok_emb.weight
         _init_weights(self, c.n_layer)
+        self.activation_checkpoint = None  # the function wrapping each block; see below
+
+    def set_activation_checkpointing(self, enabled: bool = True, checkpoint=None) -> None:
+        """Keep only each block's input during training and recompute the block's activations
+        in the backward pass (chapter 06): activation memory falls from every layer's tensors to
+        one tensor per block, for about one extra forward pass of compute.
+
+        `checkpoint(block, x, **kwargs)` is the function that wraps a block: torch's
+        non-reentrant `torch.utils.checkpoint.checkpoint` by default; the DeepSpeed engine passes
+        `deepspeed.checkpointing.checkpoint`, which can also partition or offload the kept inputs.
+        """
+        if not enabled:
+            self.activation_checkpoint = None
+        elif checkpoint is None:
+            self.activation_checkpoint = functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=False
+            )
+        else:
+            self.activation_checkpoint = checkpoint
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """`idx` `(B, T)` integer token ids, T <= block_size; `targets` `(B, T)` the token that
@@ -438,9 +459,12 @@ class GPT(nn.Module):
             rotary = rotary_cos_sin(positions, c.head_dim)  # used inside every attention layer
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, is_causal=True, rotary=rotary)
+            if self.activation_checkpoint is not None and torch.is_grad_enabled():
+                x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
+            else:
+                x = block(x, is_causal=True, rotary=rotary)
         logits = self.lm_head(self.ln_f(x))
-        return logits, _lm_loss(logits, targets)
+        return logits, lm_loss(logits, targets)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters, each counted once (a tied lm_head is tok_emb's matrix). `non_embedding`
@@ -630,7 +654,7 @@ class BertStyleEncoder(nn.Module):
         """`idx` `(B, T)` masked inputs, `targets` `(B, T)` from `mask_tokens` (-100 where
         unmasked). Returns logits `(B, T, V)` and the mean cross-entropy over masked positions."""
         logits = self.mlm_head(self.encode(idx))
-        return logits, _lm_loss(logits, targets)
+        return logits, lm_loss(logits, targets)
 
 
 class Seq2Seq(nn.Module):
@@ -695,7 +719,7 @@ class Seq2Seq(nn.Module):
         """`src` `(B, S)`, decoder input `tgt` `(B, T)` (a start token, then the target shifted
         right), `targets` `(B, T)`. Returns logits `(B, T, V)` and the mean cross-entropy."""
         logits = self.decode(tgt, *self.encode(src))
-        return logits, _lm_loss(logits, targets)
+        return logits, lm_loss(logits, targets)
 
     @torch.no_grad()
     def generate(self, src: Tensor, max_new_tokens: int, start_id: int) -> Tensor:

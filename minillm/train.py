@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu
     precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + loss scaling, CUDA)
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
     sample_tokens: int = 300  # printed after training; 0 for none
     sample_prompt: str = "\n"
 
@@ -281,6 +282,7 @@ class Trainer:
                 f"{self.tokenizer.vocab_size}"
             )
         self.model = GPT(c.model).to(self.device)
+        self.model.set_activation_checkpointing(c.activation_checkpointing)
         self.engine = engine_factory(self.model, c, self.device)
         self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics
         self.progress = progress and self.is_main
@@ -371,23 +373,32 @@ class Trainer:
 
     def _train_step(self) -> tuple[float, float, float]:
         """One optimizer step: (mean loss, gradient norm before clipping, learning rate used)."""
+        c = self.config
         self.model.train()
+        lr = self.engine.lr  # the rate this update uses; step() moves the schedule on
+        if hasattr(self.engine, "train_batch"):  # a pipeline schedules the micro-batches itself
+            batches = [self.engine.shard(*next(self.train_batches)) for _ in range(c.grad_accum)]
+            loss, norm = self.engine.train_batch(batches)
+            self._stop_if_diverged(loss)
+            return loss, norm, lr
         total = 0.0
-        for _ in range(self.config.grad_accum):
+        for _ in range(c.grad_accum):
             x, y = self.engine.shard(*next(self.train_batches))
             loss = self.engine.forward(x, y)
-            if not torch.isfinite(loss):
-                where = self.last_checkpoint or "none saved yet"
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {self.step + 1}; stopped. Last good "
-                    f"checkpoint: {where}. Lower optim.learning_rate, keep optim.grad_clip on, or "
-                    "use precision=fp32, then run again."
-                )
+            self._stop_if_diverged(loss.item())
             self.engine.backward(loss)
             total += loss.item()
-        lr = self.engine.lr  # the rate this update uses; step() moves the schedule on
         norm = self.engine.step()
-        return self.engine.mean(total / self.config.grad_accum), norm, lr
+        return self.engine.mean(total / c.grad_accum), norm, lr
+
+    def _stop_if_diverged(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            where = self.last_checkpoint or "none saved yet"
+            raise TrainingDiverged(
+                f"the loss became {loss} at step {self.step + 1}; stopped. Last good "
+                f"checkpoint: {where}. Lower optim.learning_rate, keep optim.grad_clip on, or "
+                "use precision=fp32, then run again."
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

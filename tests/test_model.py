@@ -434,3 +434,33 @@ def test_cpu_gelu_equals_torch_tanh_gelu_in_value_and_gradient():
     assert torch.autograd.gradcheck(
         gelu_tanh, (torch.randn(20, dtype=torch.float64, requires_grad=True),)
     )
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(positions):
+    from minillm.memory import saved_activation_bytes
+
+    model = small_gpt(positions=positions).train()
+    idx = torch.randint(0, SMALL["vocab_size"], (3, SMALL["block_size"]))
+    kept, loss = saved_activation_bytes(model, lambda: model(idx, idx)[1])
+    loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls = []
+
+    def counting_checkpoint(block, x, **kwargs):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
+
+    model.set_activation_checkpointing(True, counting_checkpoint)
+    kept_checkpointed, loss = saved_activation_bytes(model, lambda: model(idx, idx)[1])
+    loss.backward()
+    assert calls == list(model.blocks)  # every block went through the given function
+    assert kept_checkpointed < kept / 2  # each block keeps its input only
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model(idx)  # no graph, nothing to recompute: the blocks run directly
+    assert len(calls) == SMALL["n_layer"]
+    model.set_activation_checkpointing(False)
+    assert model.activation_checkpoint is None

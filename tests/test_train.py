@@ -371,3 +371,13 @@ def test_torch_compile_option_trains_like_eager(tmp_path):
     assert compiled.engine.forward_model is not compiled.model  # really the compiled module
     compiled.fit()
     assert losses(compiled.run_dir) == pytest.approx(losses(eager.run_dir), abs=1e-4)
+
+
+def test_activation_checkpointing_trains_the_same_losses(tmp_path):
+    plain = Trainer(tiny(tmp_path / "plain", "max_iters=3"), progress=False).fit()
+    checkpointed = Trainer(
+        tiny(tmp_path / "ckpt", "max_iters=3", "activation_checkpointing=true"), progress=False
+    )
+    assert checkpointed.model.activation_checkpoint is not None
+    checkpointed.fit()
+    assert losses(checkpointed.run_dir) == pytest.approx(losses(plain.run_dir), abs=1e-6)
