@@ -227,8 +227,16 @@ class DeepSpeedTrainEngine:
         self.config = prepare_config(ds_config, train, dist.get_world_size(), device.type)
         self.module = model
         if "activation_checkpointing" in self.config:
-            deepspeed.checkpointing.configure(None, deepspeed_config=self.config)
-            model.set_activation_checkpointing(True, deepspeed.checkpointing.checkpoint)
+            checkpointing = deepspeed.checkpointing
+            checkpointing.configure(None, deepspeed_config=self.config)
+            model.set_activation_checkpointing(True, checkpointing.checkpoint)
+            if self.rank == 0 and checkpointing.is_configured():
+                print(
+                    f"activation checkpointing: {len(model.blocks)} block(s) recomputed in "
+                    "backward by deepspeed.checkpointing (partition_activations="
+                    f"{checkpointing.PARTITION_ACTIVATIONS}, cpu_checkpointing="
+                    f"{checkpointing.CPU_CHECKPOINT})"
+                )
         o = train.optim
 
         def schedule(optimizer):
