@@ -512,6 +512,11 @@ def engine_state_bytes(engine) -> dict[str, int]:
     - master weights: the copy of the weights the optimizer updates where it is not the model's
       own (ZeRO 1-3 keep an fp32 partition even when the model is fp32 already);
     - optimizer states: AdamW's exp_avg and exp_avg_sq (its step counters are left out).
+
+    The engine must have one parameter group: DeepSpeed steps its inner optimizer once per group,
+    and the hook would see only one. Outside the census, ZeRO-3 also keeps a flat buffer its
+    gradient partitions accumulate in and a reduce bucket (`reduce_bucket_size` elements) for the
+    whole run; ZeRO 1-2 free theirs after each backward (tests/test_ds_memory.py shows both).
     """
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's AdamW
     held = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
@@ -532,7 +537,9 @@ def engine_state_bytes(engine) -> dict[str, int]:
 
 def deepspeed_state_bytes(n_params: int, stage: int, world_size: int) -> dict[str, int]:
     """What `engine_state_bytes` measures for an fp32 model of `n_params` parameters at each ZeRO
-    stage (exact when `world_size` divides `n_params`, as DeepSpeed pads partitions otherwise).
+    stage. Exact when nothing is padded: at ZeRO-1/2, 2 x `world_size` divides the flat size of
+    each parameter group; at ZeRO-3, `world_size` divides each parameter's size (with
+    `stage3_param_persistence_threshold` 0, so that no parameter stays whole on every rank).
     The 16-bytes rule in fp32 is 4 + 4 + 8; DeepSpeed's ZeRO adds the fp32 master partition (4/N:
     its layout is the mixed-precision one, whose 12 bytes of optimizer state include a master
     copy) and, at the step, holds gradients reduced to this rank's partition already at ZeRO-1."""
