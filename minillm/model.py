@@ -448,10 +448,29 @@ class GPT(nn.Module):
 
         Returns logits `(B, T, V)` and the mean cross-entropy over the targets (None without).
         """
+        logits = self.lm_head(self.hidden_states(idx))
+        return logits, lm_loss(logits, targets)
+
+    def hidden_states(self, idx: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """The final LayerNorm's output `(B, T, C)`: what `lm_head` scores, and what a
+        classification or reward head reads (chapter 10).
+
+        `prefix` `(B or 1, P, C)` are vectors placed before the token embeddings, as if they were
+        P more tokens (the learned soft prompt of prompt tuning): they take positions 0..P-1,
+        every token attends to them, and the output is `(B, P + T, C)`.
+        """
         c = self.config
-        _check_token_ids(idx, c.vocab_size, c.block_size)
-        positions = torch.arange(idx.shape[1], device=idx.device)
+        n_prefix = 0 if prefix is None else prefix.shape[1]
+        _check_token_ids(idx, c.vocab_size, c.block_size - n_prefix)
         x = self.tok_emb(idx)  # (B, T, C)
+        if prefix is not None:
+            if prefix.dim() != 3 or prefix.shape[2] != c.n_embd:
+                raise InputError(
+                    f"prefix must have shape (batch or 1, P, n_embd={c.n_embd}), "
+                    f"got {tuple(prefix.shape)}"
+                )
+            x = torch.cat((prefix.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+        positions = torch.arange(x.shape[1], device=idx.device)
         rotary = None
         if c.positions == "learned":
             x = x + self.pos_emb(positions)  # added once, here, never again
@@ -463,8 +482,7 @@ class GPT(nn.Module):
                 x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
             else:
                 x = block(x, is_causal=True, rotary=rotary)
-        logits = self.lm_head(self.ln_f(x))
-        return logits, lm_loss(logits, targets)
+        return self.ln_f(x)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters, each counted once (a tied lm_head is tok_emb's matrix). `non_embedding`
