@@ -100,6 +100,26 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+class KVCache:
+    """The keys and values every layer has computed so far, for generating one token at a time
+    (chapter 11). Without it, each new token recomputes the keys and values of the whole prefix:
+    T tokens cost O(T^2) projections instead of O(T).
+
+    `layers[i]` is layer i's `(k, v)`, each `(B, H, S, D)`; `length` is S, the tokens cached.
+    """
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[Tensor, Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def nbytes(self) -> int:
+        """Bytes held: 2 x n_layer x B x S x C x bytes per value."""
+        return sum(t.numel() * t.element_size() for kv in self.layers if kv for t in kv)
+
+
 class Attention(nn.Module):
     """Multi-head attention with projections `q_proj`, `k_proj`, `v_proj`, `o_proj`.
 
@@ -139,11 +159,17 @@ class Attention(nn.Module):
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         """Attend from `x` `(B, T, C)` to `context` `(B, S, C)` (`x` itself when None).
 
         `key_padding_mask` `(B, S)` is True at real tokens and False at padding; `rotary` is the
         `(cos, sin)` pair from `rotary_cos_sin`, each `(T, D)`. Returns `(B, T, C)`.
+
+        With a `cache` (causal self-attention), this call's keys and values are appended to
+        `cache.layers[layer]` and the queries attend to all of them: either the cache was empty
+        (the prompt, causal as usual) or `x` is one new token, which may see every cached one.
         """
         context = x if context is None else context
         q = self._heads(self.q_proj(x))  # (B, H, T, D)
@@ -151,6 +177,14 @@ class Attention(nn.Module):
         v = self._heads(self.v_proj(context))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            past = cache.layers[layer]
+            if past is not None:
+                if x.shape[1] != 1:
+                    raise InputError("a filled KV cache takes one new token per call")
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+                is_causal = False  # the one new query may attend to every cached key
+            cache.layers[layer] = (k, v)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         dropout_p = self.dropout if self.training else 0.0
         if self.manual:
@@ -255,11 +289,19 @@ class Block(nn.Module):
         rotary: tuple[Tensor, Tensor] | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
         """`x` `(B, T, C)` -> `(B, T, C)`; `memory` `(B, S, C)` is the encoder output that a
-        decoder block cross-attends to. Masks are `(B, T)` / `(B, S)`, True at real tokens."""
+        decoder block cross-attends to. Masks are `(B, T)` / `(B, S)`, True at real tokens.
+        `cache` and `layer`: this block's place in a `KVCache` (see `Attention.forward`)."""
         x = x + self.self_attn(
-            self.ln_1(x), is_causal=is_causal, key_padding_mask=padding_mask, rotary=rotary
+            self.ln_1(x),
+            is_causal=is_causal,
+            key_padding_mask=padding_mask,
+            rotary=rotary,
+            cache=cache,
+            layer=layer,
         )
         if memory is not None:
             x = x + self.cross_attn(self.ln_cross(x), memory, key_padding_mask=memory_padding_mask)
@@ -442,16 +484,21 @@ class GPT(nn.Module):
         else:
             self.activation_checkpoint = checkpoint
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """`idx` `(B, T)` integer token ids, T <= block_size; `targets` `(B, T)` the token that
-        follows each position (-100 where nothing should be learned).
+        follows each position (-100 where nothing should be learned); `cache` a `KVCache` that
+        holds the tokens before `idx` (chapter 11: generating with a cache).
 
         Returns logits `(B, T, V)` and the mean cross-entropy over the targets (None without).
         """
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = self.lm_head(self.hidden_states(idx, cache=cache))
         return logits, lm_loss(logits, targets)
 
-    def hidden_states(self, idx: Tensor, prefix: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self, idx: Tensor, prefix: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """The final LayerNorm's output `(B, T, C)`: what `lm_head` scores, and what a
         classification or reward head reads (chapter 10).
 
@@ -460,8 +507,12 @@ class GPT(nn.Module):
         every token attends to them, and the output is `(B, P + T, C)`.
         """
         c = self.config
-        n_prefix = 0 if prefix is None else prefix.shape[1]
-        _check_token_ids(idx, c.vocab_size, c.block_size - n_prefix)
+        n_before = 0 if prefix is None else prefix.shape[1]
+        if cache is not None:
+            if prefix is not None or len(cache.layers) != c.n_layer:
+                raise InputError(f"a KV cache needs no prefix and KVCache({c.n_layer}) layers")
+            n_before = cache.length
+        _check_token_ids(idx, c.vocab_size, c.block_size - n_before)
         x = self.tok_emb(idx)  # (B, T, C)
         if prefix is not None:
             if prefix.dim() != 3 or prefix.shape[2] != c.n_embd:
@@ -471,17 +522,19 @@ class GPT(nn.Module):
                 )
             x = torch.cat((prefix.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
         positions = torch.arange(x.shape[1], device=idx.device)
+        if cache is not None:
+            positions = positions + cache.length  # the new tokens follow the cached ones
         rotary = None
         if c.positions == "learned":
             x = x + self.pos_emb(positions)  # added once, here, never again
         else:
             rotary = rotary_cos_sin(positions, c.head_dim)  # used inside every attention layer
         x = self.drop(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpoint is not None and torch.is_grad_enabled():
                 x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
             else:
-                x = block(x, is_causal=True, rotary=rotary)
+                x = block(x, is_causal=True, rotary=rotary, cache=cache, layer=i)
         return self.ln_f(x)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
