@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.train import Trainer, load_config
+from minillm.train import Trainer
+from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET, REFERENCE = 1.80, 1.88

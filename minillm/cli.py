@@ -79,7 +79,9 @@ def _notebooks(args) -> int:
 def _train(args) -> int:
     import shutil
 
-    from minillm.train import PlainEngine, Trainer, load_config
+    from minillm.engines import PlainEngine
+    from minillm.train import Trainer
+    from minillm.train_config import load_config
 
     path = args.config
     if path == DEFAULT_TRAIN_CONFIG and not path.exists():  # run from outside the checkout
@@ -89,15 +91,15 @@ def _train(args) -> int:
     config = load_config(path, args.set)
     engine_factory = PlainEngine
     if args.deepspeed:
-        from minillm import ds
+        from functools import partial
 
-        ds_config = ds.load_config(args.deepspeed)
+        from minillm.engines import deepspeed, ds_config
+
+        json_config = ds_config.load_config(args.deepspeed)
         if args.nproc:  # check everything here, then hand over to DeepSpeed's launcher
-            return ds.launch(args.nproc, ds_config, config, sys.argv[1:])
-        config.device = ds.rank_device()
-
-        def engine_factory(model, train_config, device):
-            return ds.make_engine(model, train_config, device, ds_config)
+            return deepspeed.launch(args.nproc, json_config, config, args.argv)
+        config.device = deepspeed.rank_device()
+        engine_factory = partial(deepspeed.make_engine, ds_config=json_config)
 
     elif args.nproc:
         raise MiniLLMError("--nproc launches DeepSpeed processes; give --deepspeed CONFIG too")
@@ -229,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a launcher re-runs in every rank
     try:
         return args.run(args)
     except MiniLLMError as exc:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 from minillm.errors import (
     InputError,
@@ -27,6 +26,7 @@ from minillm.errors import (
     require_positive,
     unknown_name,
 )
+from minillm.utils import progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -144,7 +144,7 @@ def download(
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response, open(part, "wb") as out:
             total = size or int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(
+            with progress_bar(
                 total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
             ) as bar:
                 while chunk := response.read(_CHUNK):

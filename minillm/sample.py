@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from minillm import checkpoint
+from minillm.engines.common import rebuild_model
 from minillm.errors import InputError, require_text
-from minillm.model import GPT, GPTConfig
+from minillm.model import GPT
 from minillm.tokenizer import Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 
@@ -56,8 +57,7 @@ def load_for_sampling(
     """The model and tokenizer of a checkpoint folder, or of a run folder's latest checkpoint."""
     folder = checkpoint.resolve(Path(path))
     config = checkpoint.load_config(folder)
-    model = GPT(GPTConfig.from_dict(config["model"])).to(device)
-    checkpoint.load_weights(folder, model)
+    model = rebuild_model(config, folder, device)
     tokenizer_file = folder / checkpoint.TOKENIZER
     if not tokenizer_file.is_file():
         raise checkpoint.CheckpointError(

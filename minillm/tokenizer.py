@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import regex
-from tqdm import tqdm
 
 from minillm.errors import InputError, InputTypeError, require_positive, require_text
+from minillm.utils import progress_bar
 
 if TYPE_CHECKING:
     import tokenizers
@@ -298,7 +298,7 @@ def learn_merges(
     heapq.heapify(heap)
 
     merges: list[Merge] = []
-    with tqdm(total=num_new_tokens, desc="BPE merges", disable=not progress) as bar:
+    with progress_bar(total=num_new_tokens, desc="BPE merges", disable=not progress) as bar:
         while len(merges) < num_new_tokens and heap:
             neg_count, _, _, pair = heapq.heappop(heap)
             count = pair_counts.get(pair, 0)

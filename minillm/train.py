@@ -1,103 +1,33 @@
 """Training the course GPT: typed configs, one Trainer, checkpoints that resume exactly.
 
 The Trainer never touches the optimizer or the backward pass directly: it calls an *engine*
-(`engine.forward`, `engine.backward(loss)`, `engine.step()`), the interface DeepSpeed's engine has.
-`PlainEngine` is the single-process engine; data-parallel and DeepSpeed engines plug in the same
-way, so the model and the loop do not know which one drives them.
+(`engine.forward`, `engine.backward(loss)`, `engine.step()`), the interface DeepSpeed's engine has
+(`minillm.engines.Engine`). `PlainEngine` is the single-process engine; data-parallel and
+DeepSpeed engines plug in the same way, so the model and the loop do not know which one drives
+them. The configs are `minillm.train_config`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from minillm import checkpoint, data
-from minillm.config import apply_overrides, build, load_yaml, to_dict
-from minillm.errors import InputError, MiniLLMError, unknown_name
-from minillm.model import GPT, GPTConfig
+from minillm.config import to_dict
+from minillm.engines import PlainEngine
+from minillm.errors import InputError, MiniLLMError
+from minillm.model import GPT
 from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-TOKENIZERS = ("char", "bpe")
-
-
-@dataclass
-class DataConfig:
-    corpus: str = "tinyshakespeare"
-    tokenizer: str = "char"  # "char" (one id per character) or "bpe" (byte-level BPE)
-    bpe_vocab_size: int = 512  # only for tokenizer: bpe
-    val_fraction: float = 0.1  # the last 10% of the token stream is held out
-
-
-@dataclass
-class OptimConfig:
-    learning_rate: float = 1e-3  # peak, reached after warm-up
-    min_lr: float = 1e-4  # the cosine decays to this
-    warmup_iters: int = 100
-    weight_decay: float = 0.1  # on 2-D weights only (GPT.param_groups)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-
-
-@dataclass
-class TrainConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 12  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2000  # optimizer steps
-    eval_interval: int = 250
-    eval_iters: int = 20  # batches per split in each evaluation
-    checkpoint_interval: int = 250
-    keep_checkpoints: int = 2
-    out_dir: str = "runs/shakespeare-char"
-    seed: int = 1337
-    device: str = "auto"  # "auto" picks cuda, then mps, then cpu
-    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + loss scaling, CUDA)
-    compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory
-    sample_tokens: int = 300  # printed after training; 0 for none
-    sample_prompt: str = "\n"
-
-    def __post_init__(self) -> None:
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "max_iters",
-            "eval_interval",
-            "eval_iters",
-            "checkpoint_interval",
-        ):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise unknown_name("precision", self.precision, PRECISIONS)
-        if self.data.tokenizer not in TOKENIZERS:
-            raise unknown_name("tokenizer", self.data.tokenizer, TOKENIZERS)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.model.block_size
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A `TrainConfig` from a YAML file (or the defaults) plus `key=value` overrides."""
-    raw = load_yaml(path) if path else {}
-    return build(TrainConfig, apply_overrides(raw, overrides or []))
+from minillm.train_config import DataConfig, TrainConfig
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -115,113 +45,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda was asked for but no CUDA GPU is available; use device=auto")
     return device
-
-
-def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
-    """Linear warm-up to the peak learning rate, then cosine decay to `min_lr` at `max_iters`."""
-    if step < optim.warmup_iters:
-        return optim.learning_rate * (step + 1) / optim.warmup_iters
-    progress = min(1.0, (step - optim.warmup_iters) / max(1, max_iters - optim.warmup_iters))
-    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
-        optim.learning_rate - optim.min_lr
-    )
-
-
-class PlainEngine:
-    """One process, one device: autocast, loss scaling for fp16, accumulation, clipping, AdamW.
-
-    The interface every engine offers the Trainer: `rank`, `world_size`, `shard(x, y)` (this
-    rank's rows of a global batch), `forward`, `backward`, `step`, `lr`, `mean(value)` (the
-    average over ranks), `save_checkpoint` and `load_checkpoint`.
-    """
-
-    rank, world_size = 0, 1
-
-    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device):
-        self.module = model
-        self.device = device
-        self.config = config
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(
-            model.param_groups(o.weight_decay),
-            lr=o.learning_rate,
-            betas=(o.beta1, o.beta2),
-            fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate
-        )
-        if config.precision == "fp16" and device.type != "cuda":
-            raise InputError(
-                "precision fp16 needs a CUDA GPU (loss scaling); on a CPU use bf16 or fp32"
-            )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self._autocast = (
-            torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        )
-        self.forward_model = torch.compile(model) if config.compile else model
-        self._micro = 0
-
-    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, y
-
-    def mean(self, value: float) -> float:
-        return value
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self._autocast:
-            _, loss = self.forward_model(x, y)
-        return loss
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss / self.config.grad_accum).backward()
-        self._micro += 1
-
-    def step(self) -> float | None:
-        """At the end of an accumulation window: unscale, clip, step, zero; returns the gradient
-        norm before clipping (None inside the window)."""
-        if self._micro % self.config.grad_accum:
-            return None
-        self.scaler.unscale_(self.optimizer)
-        clip = self.config.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.module.parameters(), clip if clip > 0 else math.inf
-        )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return float(norm)
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-
-    def save_checkpoint(
-        self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer: Tokenizer
-    ) -> Path:
-        state = {**state, "engine": self.state_dict()}
-        return checkpoint.save(run_dir, step, self.module, state, config, keep, tokenizer)
-
-    def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Load weights and engine state from checkpoint `path`; return the Trainer's state."""
-        checkpoint.load_weights(path, self.module)
-        state = checkpoint.load_state(path)
-        self.load_state_dict(state["engine"])
-        return state
 
 
 def _tensorboard_writer(run_dir: Path):
@@ -376,7 +199,7 @@ class Trainer:
         c = self.config
         self.model.train()
         lr = self.engine.lr  # the rate this update uses; step() moves the schedule on
-        if hasattr(self.engine, "train_batch"):  # a pipeline schedules the micro-batches itself
+        if self.engine.schedules_micro_batches:  # a pipeline runs the micro-batches itself
             batches = [self.engine.shard(*next(self.train_batches)) for _ in range(c.grad_accum)]
             loss, norm = self.engine.train_batch(batches)
             self._stop_if_diverged(loss)

@@ -32,3 +32,44 @@ def repo_root() -> Path:
         "this needs the course repository (the folder with exercises/ and tests/); "
         "cd into your clone of minillm and run it again"
     )
+
+
+# Seconds between two updates of a progress bar written to a log (a file, a pipe, CI's output):
+# a line every few seconds says that the run is alive without filling the log.
+LOG_PROGRESS_INTERVAL_S = 5.0
+
+
+def _progress_mode() -> str:
+    """Where bars go: "widget" in a Jupyter kernel that can draw widgets, "terminal" on a
+    terminal, else "log".
+    MINILLM_PROGRESS set to one of these overrides it (`minillm notebooks` asks for "log")."""
+    import os
+    import sys
+
+    chosen = os.environ.get("MINILLM_PROGRESS", "")
+    if chosen in ("widget", "terminal", "log"):
+        return chosen
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    if shell is not None and "IPKernelApp" in getattr(shell, "config", {}):
+        try:
+            import ipywidgets  # noqa: F401 - tqdm's widget bar needs it
+        except ImportError:
+            return "log"
+        return "widget"
+    stream = sys.stderr
+    return "terminal" if stream is not None and stream.isatty() else "log"
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar that suits where it is shown: a widget in JupyterLab, a redrawn line in
+    a terminal, and in a log one update every LOG_PROGRESS_INTERVAL_S seconds. Takes tqdm's
+    arguments (total, desc, unit, disable, ...)."""
+    mode = _progress_mode()
+    if mode == "widget":
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm import tqdm
+
+        if mode == "log":
+            kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL_S)
+    return tqdm(iterable, **kwargs)

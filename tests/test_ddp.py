@@ -66,7 +66,14 @@ def test_every_mode_matches_torch_ddp_and_one_process_each_step(grad_accum):
         # One message per gradient or bucket per step, none in accumulation micro-steps.
         assert r["calls_per_step"] == [expected[mode]] * 2, mode
     assert report["torch"]["calls_per_step"][0] >= 1
-    engine = report["engine"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_engine_matches_the_plain_engine_on_the_global_batch(grad_accum):
+    from minillm.engines.ddp import engine_vs_plain_worker
+
+    engine = launch(engine_vs_plain_worker, 2, CONFIG, 8, grad_accum, 2, echo=False)[0]
     assert engine["steps"] == 2
     assert engine["weights_vs_plain"] < 1e-6 and engine["grad_norm_vs_plain"] < 1e-5
 
@@ -75,8 +82,9 @@ def test_every_mode_matches_torch_ddp_and_one_process_each_step(grad_accum):
 def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path):
     """The unchanged Trainer, driven by DDPEngine on 2 processes, logs the losses of one process
     training on both ranks' rows (batch 2 x 4 = 8), to float32 rounding."""
-    from minillm.parallel.ddp import train_worker
-    from minillm.train import Trainer, load_config, read_metrics
+    from minillm.engines.ddp import train_worker
+    from minillm.train import Trainer, read_metrics
+    from minillm.train_config import load_config
 
     overrides = [
         "model.n_layer=1",

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from minillm import ds
+from minillm.engines import ds_config
 from minillm.errors import InputError
 from minillm.sample import generate_text, load_for_sampling
-from minillm.train import Trainer, load_config, read_metrics
+from minillm.train import Trainer, read_metrics
+from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "deepspeed"
@@ -34,7 +35,8 @@ def train_config(*extra):
 
 
 def test_auto_values_are_filled_from_the_training_config():
-    config = ds.prepare_config(ds.load_config(CONFIGS / "zero2.json"), train_config(), 2, "cpu")
+    loaded = ds_config.load_config(CONFIGS / "zero2.json")
+    config = ds_config.prepare_config(loaded, train_config(), 2, "cpu")
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 1
     assert config["train_batch_size"] == 8  # micro 4 x accumulation 1 x 2 ranks
@@ -47,7 +49,7 @@ def test_auto_values_are_filled_from_the_training_config():
 def test_misspelt_top_level_key_is_refused_with_a_suggestion():
     config = {"zero_optimisation": {"stage": 3}}
     with pytest.raises(InputError, match="did you mean 'zero_optimization'"):
-        ds.prepare_config(config, train_config(), 2, "cpu")
+        ds_config.prepare_config(config, train_config(), 2, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_misspelt_top_level_key_is_refused_with_a_suggestion():
 )
 def test_bad_configs_are_refused_before_launch(config, message):
     with pytest.raises(InputError, match=message):
-        ds.prepare_config(config, train_config(), 2, "cpu")
+        ds_config.prepare_config(config, train_config(), 2, "cpu")
 
 
 CPU_CONFIGS = sorted(p for p in CONFIGS.glob("*.json") if "fp16" not in p.name)
@@ -72,17 +74,17 @@ CPU_CONFIGS = sorted(p for p in CONFIGS.glob("*.json") if "fp16" not in p.name)
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_are_valid_for_two_cpu_processes(path):
-    config = ds.prepare_config(ds.load_config(path), train_config(), 2, "cpu")
+    config = ds_config.prepare_config(ds_config.load_config(path), train_config(), 2, "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     DeepSpeedConfig({**config, "train_batch_size": 4, "gradient_accumulation_steps": 1})
 
 
 def test_the_fp16_config_is_for_gpus_only():
-    config = ds.load_config(CONFIGS / "zero2_fp16.json")
+    config = ds_config.load_config(CONFIGS / "zero2_fp16.json")
     with pytest.raises(InputError, match="fp16 is not supported by DeepSpeed on a CPU"):
-        ds.prepare_config(config, train_config(), 2, "cpu")
-    assert ds.prepare_config(config, train_config(), 2, "cuda")["fp16"]["enabled"] is True
+        ds_config.prepare_config(config, train_config(), 2, "cpu")
+    assert ds_config.prepare_config(config, train_config(), 2, "cuda")["fp16"]["enabled"] is True
 
 
 def _command(run_dir: Path, config: str, *extra: str) -> list[str]:
@@ -243,7 +245,7 @@ def test_torchrun_launches_the_same_job(tmp_path, single_process):
 
 def test_pipeline_at_zero0_is_allowed_when_clipping_is_off():
     config = {"pipeline": {"stages": 2}, "gradient_clipping": 0.0}
-    filled = ds.prepare_config(config, train_config(), 2, "cpu")
+    filled = ds_config.prepare_config(config, train_config(), 2, "cpu")
     assert filled["train_batch_size"] == 4  # 2 processes = 2 stages x 1 data-parallel rank
 
 

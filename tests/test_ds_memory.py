@@ -1,8 +1,8 @@
 """Per-rank memory measured inside real DeepSpeed (chapter 09), on two processes.
 
-One launch runs `ds.census_worker` (ZeRO 0-3, fp32) with `ds.engine_state_bytes` wrapped so
-that, at the same moment, it also sums every tensor alive in the rank: the census must account
-for all of them, or the test names what it leaves out.
+One launch runs `ds_memory.census_worker` (ZeRO 0-3, fp32) with `ds_memory.engine_state_bytes`
+wrapped so that, at the same moment, it also sums every tensor alive in the rank: the census must
+account for all of them, or the test names what it leaves out.
 """
 
 import gc
@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from minillm import ds
+from minillm.engines import ds_memory
 from minillm.model import GPT, GPTConfig
 from minillm.parallel.launch import launch
 from minillm.parallel.zero import zero_state_bytes
@@ -52,16 +52,16 @@ def _buffer_bytes(optimizer) -> dict[str, int]:
 
 
 def _census_and_everything_else(rank: int, world_size: int, config: GPTConfig) -> dict:
-    """`ds.census_worker`, whose census also reports the bytes alive outside it."""
-    census = ds.engine_state_bytes
+    """`ds_memory.census_worker`, whose census also reports the bytes alive outside it."""
+    census = ds_memory.engine_state_bytes
 
     def measure(engine) -> dict:
         held = census(engine)
         outside = _live_bytes() - sum(held.values())
         return {**held, "outside the census": outside, "buffers": _buffer_bytes(engine.optimizer)}
 
-    ds.engine_state_bytes = measure  # census_worker looks it up when it measures
-    return ds.census_worker(rank, world_size, config)
+    ds_memory.engine_state_bytes = measure  # census_worker looks it up when it measures
+    return ds_memory.census_worker(rank, world_size, config)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +70,12 @@ def reports() -> list[dict]:
 
 
 def _census(report: dict, stage: int) -> dict[str, int]:
-    return {part: report[stage][part] for part in ds.STATE_PARTS}
+    return {part: report[stage][part] for part in ds_memory.STATE_PARTS}
 
 
 def test_the_census_equals_the_exact_prediction_on_both_ranks(reports):
     for stage in STAGES:
-        predicted = ds.deepspeed_state_bytes(N, stage, 2)
+        predicted = ds_memory.deepspeed_state_bytes(N, stage, 2)
         assert _census(reports[0], stage) == _census(reports[1], stage) == predicted
 
 

@@ -16,18 +16,12 @@ import yaml
 
 from minillm import checkpoint
 from minillm.config import build, to_dict
+from minillm.engines import PlainEngine
+from minillm.engines.common import lr_at
 from minillm.errors import InputError, InputTypeError
 from minillm.sample import generate_text, load_for_sampling
-from minillm.train import (
-    PlainEngine,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    load_config,
-    lr_at,
-    pick_device,
-    read_metrics,
-)
+from minillm.train import Trainer, TrainingDiverged, pick_device, read_metrics
+from minillm.train_config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from minillm.engines import zero as zero_engine
 from minillm.errors import InputError
 from minillm.memory import model_state_bytes
 from minillm.model import GPTConfig
 from minillm.parallel import zero
 from minillm.parallel.launch import launch
-from minillm.train import load_config
+from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)  # unit sizes are even: no padding
@@ -96,6 +97,6 @@ def test_our_zero2_and_zero3_match_deepspeed_zero2_under_the_trainer(tmp_path):
             REPO / "configs/train/shakespeare_char.yaml",
             [*TINY, f"out_dir={tmp_path / str(stage)}"],
         )
-        ours = launch(zero.train_worker, 2, config, stage, echo=False)[0]
+        ours = launch(zero_engine.train_worker, 2, config, stage, echo=False)[0]
         # Both clip at the config's grad_clip=1.0 and follow the Trainer's schedule.
         assert ours == pytest.approx(expected, abs=1e-5), stage

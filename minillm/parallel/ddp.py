@@ -15,8 +15,7 @@ would take on the whole batch.
 and `no_sync()` skips the communication during gradient-accumulation micro-steps: gradients add up
 locally and one all-reduce of their sum, on the last micro-step, gives the same average.
 
-`DDPEngine` is the Trainer's engine (see `minillm.train.PlainEngine`) made data-parallel: each rank
-draws the same global batch and keeps its own shard of it.
+The Trainer's data-parallel engine built on `DataParallel` is `minillm.engines.ddp.DDPEngine`.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from minillm.errors import InputError, require_positive, unknown_name
 from minillm.model import GPT, GPTConfig
 from minillm.parallel.launch import device_for, launch
 from minillm.parallel.layout import Layout
-from minillm.train import PlainEngine, TrainConfig
 
 MODES = ("naive", "bucketed", "overlapped")
 
@@ -149,59 +147,10 @@ class DataParallel(nn.Module):
         self._ready = [0] * len(self.buckets)
 
 
-class DDPEngine(PlainEngine):
-    """`PlainEngine` (autocast, accumulation, clipping, AdamW, schedule) made data-parallel:
-    `shard` keeps this rank's rows of the global batch; the backward pass of the last micro-batch
-    of each accumulation window averages the gradients, the others skip it; `mean` averages a
-    number (the loss) over the ranks. Use `functools.partial(DDPEngine, mode=...)` as a Trainer's
-    `engine_factory`; every rank must draw the same global batches (the same seed)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: TrainConfig,
-        device: torch.device,
-        *,
-        mode: str = "overlapped",
-        bucket_cap_mb: float = 1.0,
-        group=None,
-    ):
-        super().__init__(model, config, device)
-        self.ddp = DataParallel(model, mode, bucket_cap_mb, group)
-        self.rank, self.world_size = dist.get_rank(group), self.ddp.world_size
-        self.group = group
-
-    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return shard_batch(x, self.rank, self.world_size), shard_batch(
-            y, self.rank, self.world_size
-        )
-
-    def save_checkpoint(self, run_dir, step, state, config, keep, tokenizer):
-        """Every rank holds the same weights and optimizer state: rank 0 writes, the others wait."""
-        from minillm import checkpoint
-
-        if self.rank == 0:
-            super().save_checkpoint(run_dir, step, state, config, keep, tokenizer)
-        dist.barrier(group=self.group)
-        return checkpoint.checkpoint_dir(run_dir, step)
-
-    def mean(self, value: float) -> float:
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.group)
-        return total.item() / self.world_size
-
-    def backward(self, loss: Tensor) -> None:
-        last = (self._micro + 1) % self.config.grad_accum == 0
-        with contextlib.nullcontext() if last else self.ddp.no_sync():
-            super().backward(loss)
-        if last:
-            self.ddp.sync_gradients()
-
-
 # -- checks and timings, run in every rank by `launch` -----------------------------------------
 
 
-def _model_and_batches(rank: int, config: GPTConfig, batch_size: int, count: int):
+def model_and_batches(rank: int, config: GPTConfig, batch_size: int, count: int):
     """The same GPT and the same `count` random global batches (x, y) `(batch_size, block_size)`
     on every rank, on this rank's device."""
     device = device_for(rank)
@@ -279,7 +228,7 @@ def equality_worker(
     """Trains copies of one GPT with each `MODES` entry, torch's DDP and one process on the global
     batch; returns, per mode, the largest gradient and weight differences from torch's DDP and
     from the single process over all steps, and the all-reduce calls of each step."""
-    base, batches = _model_and_batches(rank, config, batch_size, steps * grad_accum)
+    base, batches = model_and_batches(rank, config, batch_size, steps * grad_accum)
     run = {
         kind: _train(kind, base, batches, grad_accum, bucket_cap_mb, rank, world_size)
         for kind in ("single", "torch", *MODES)
@@ -294,32 +243,7 @@ def equality_worker(
             "weights_vs_single": _max_difference(weights, run["single"][1]),
             "calls_per_step": calls,
         }
-    report["engine"] = _engine_vs_plain(base, batches, batch_size, grad_accum)
     return report
-
-
-def _engine_vs_plain(base: GPT, batches, batch_size: int, grad_accum: int) -> dict[str, float]:
-    """`DDPEngine` and one-process `PlainEngine` run the Trainer's calls on the same global
-    batches: the largest weight and gradient-norm differences."""
-    config = TrainConfig(model=base.config, batch_size=batch_size, grad_accum=grad_accum)
-    weights, norms = {}, {}
-    for name, factory in (("plain", PlainEngine), ("ddp", DDPEngine)):
-        model = copy.deepcopy(base)
-        engine = factory(model, config, base.lm_head.weight.device)
-        norms[name] = []
-        for x, y in batches:
-            engine.backward(engine.forward(*engine.shard(x, y)))
-            norm = engine.step()
-            if norm is not None:
-                norms[name].append(norm)
-        weights[name] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return {
-        "weights_vs_plain": (weights["ddp"] - weights["plain"]).abs().max().item(),
-        "grad_norm_vs_plain": max(
-            abs(a - b) for a, b in zip(norms["ddp"], norms["plain"], strict=True)
-        ),
-        "steps": len(norms["ddp"]),
-    }
 
 
 def timing_worker(
@@ -327,7 +251,7 @@ def timing_worker(
 ) -> dict[str, dict]:
     """Median seconds per step (after one warm-up step) and all-reduce calls per step of each
     `MODES` entry and torch's DDP, measured one after the other in the same processes."""
-    base, batches = _model_and_batches(rank, config, batch_size, steps + 1)
+    base, batches = model_and_batches(rank, config, batch_size, steps + 1)
     report = {}
     for kind in (*MODES, "torch"):
         _, _, calls, seconds = _train(kind, base, batches, 1, bucket_cap_mb, rank, world_size)
@@ -361,13 +285,3 @@ def time_data_parallel(
         n_head=config.n_head, n_layer=config.n_layer, batch_size=batch_size
     )
     return launch(timing_worker, world_size, config, batch_size, steps, bucket_cap_mb)[0]
-
-
-def train_worker(rank: int, world_size: int, config: TrainConfig, mode: str) -> list[float]:
-    """The Trainer with `DDPEngine`; rank 0 returns the (rank-averaged) loss of every step."""
-    from functools import partial
-
-    from minillm.train import Trainer, read_metrics
-
-    Trainer(config, progress=False, engine_factory=partial(DDPEngine, mode=mode)).fit()
-    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

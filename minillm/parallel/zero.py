@@ -24,17 +24,14 @@ backward pass has produced them (`register_post_accumulate_grad_hook`), as DeepS
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from minillm import checkpoint
 from minillm.errors import InputError, require_positive
 from minillm.memory import model_state_bytes
 from minillm.model import GPT, GPTConfig
-from minillm.train import TrainConfig, Trainer, lr_at, read_metrics
 
 STAGES = (0, 1, 2, 3)
 
@@ -246,77 +243,6 @@ class Zero:
         }
 
 
-class ZeroEngine:
-    """`Zero` behind the Trainer's engine interface (see `minillm.train.PlainEngine`): fp32,
-    accumulation, clipping and the Trainer's learning-rate schedule. Use
-    `functools.partial(ZeroEngine, stage=k)` as a Trainer's `engine_factory` in launched ranks."""
-
-    def __init__(self, model: GPT, config: TrainConfig, device: torch.device, *, stage: int = 2):
-        if config.precision != "fp32":
-            raise InputError("ZeroEngine trains in fp32; use precision=fp32")
-        o = config.optim
-        self.module, self.config = model, config
-        self.zero = Zero(
-            model,
-            stage,
-            lr=o.learning_rate,
-            betas=(o.beta1, o.beta2),
-            weight_decay=o.weight_decay,
-            grad_clip=o.grad_clip,
-        )
-        self.rank, self.world_size = self.zero.rank, self.zero.world_size
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.zero.optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate
-        )
-        self._micro = 0
-
-    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        rows = slice(self.rank * self.config.batch_size, (self.rank + 1) * self.config.batch_size)
-        return x[rows], y[rows]
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.module(x, y)[1]
-
-    def backward(self, loss: Tensor) -> None:
-        (loss / self.config.grad_accum).backward()
-        self._micro += 1
-
-    def step(self) -> float | None:
-        if self._micro % self.config.grad_accum:
-            return None
-        norm = self.zero.step()
-        self.scheduler.step()
-        return norm
-
-    @property
-    def lr(self) -> float:
-        return self.zero.optimizer.param_groups[0]["lr"]
-
-    def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / self.world_size
-
-    def save_checkpoint(
-        self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer
-    ) -> Path:
-        """The full weights, gathered from the shards, written by rank 0 (for sampling). The
-        optimizer shards are not saved, so such a run cannot be resumed."""
-        weights = self.zero.full_state_dict()
-        if self.rank == 0:
-            model = GPT(GPTConfig.from_dict(config["model"]))
-            model.load_state_dict(weights)
-            checkpoint.save(run_dir, step, model, state, config, keep, tokenizer)
-        dist.barrier()
-        return checkpoint.checkpoint_dir(run_dir, step)
-
-    def load_checkpoint(self, path: Path) -> dict:
-        raise checkpoint.CheckpointError(
-            f"{path} holds weights only (ZeroEngine does not save optimizer shards); start the "
-            "run over in a fresh out_dir"
-        )
-
-
 # -- run by every rank under `launch` ----------------------------------------------------------
 
 
@@ -385,11 +311,3 @@ def equality_worker(
             print(f"losses: {[round(v, 4) for v in losses]}")
         print(f"stage {stage}: holds {held}")
     return report
-
-
-def train_worker(rank: int, world_size: int, config: TrainConfig, stage: int) -> list[float]:
-    """The Trainer with `ZeroEngine` at `stage`; rank 0 returns the loss of every step."""
-    from functools import partial
-
-    Trainer(config, progress=False, engine_factory=partial(ZeroEngine, stage=stage)).fit()
-    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

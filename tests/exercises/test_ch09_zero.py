@@ -11,9 +11,9 @@ import importlib
 import pytest
 import torch
 
-from minillm import ds
+from minillm.engines import ds_config
 from minillm.parallel.launch import launch
-from minillm.train import TrainConfig
+from minillm.train_config import TrainConfig
 
 
 @pytest.fixture
@@ -99,7 +99,8 @@ def test_zero1_adamw_step(package):
 def test_deepspeed_config(impl):
     """Catches batch sizes that do not multiply out, a missing `gradient_clipping` (DeepSpeed
     0.19 would silently clip at 1.0), fp16 (refused on a CPU), and a misspelt section such as
-    `zero_optimisation` (DeepSpeed ignores it silently; minillm.ds.prepare_config refuses it)."""
+    `zero_optimisation` (DeepSpeed ignores it silently; `minillm.engines.ds_config.prepare_config`
+    refuses it)."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
     ex = impl("ch09_zero")
@@ -110,7 +111,7 @@ def test_deepspeed_config(impl):
         assert config["gradient_clipping"] == 0.5
         assert config["bf16"]["enabled"] is True and not config.get("fp16", {}).get("enabled")
         train = TrainConfig(batch_size=micro, grad_accum=accum, precision="bf16")
-        checked = ds.prepare_config(config, train, world, "cpu")  # refuses unknown keys
+        checked = ds_config.prepare_config(config, train, world, "cpu")  # refuses unknown keys
         assert checked["train_batch_size"] == micro * accum * world
         assert checked["zero_optimization"]["stage"] == stage
         assert checked["optimizer"]["params"]["lr"] == 3e-4

@@ -1,0 +1,63 @@
+"""The pieces every engine shares, written once: the learning-rate schedule, the mean of a number
+over the ranks, this rank's rows of a global batch, and a GPT rebuilt from a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from minillm import checkpoint
+from minillm.model import GPT, GPTConfig
+from minillm.parallel.ddp import shard_batch
+from minillm.train_config import OptimConfig, TrainConfig
+
+
+def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
+    """Linear warm-up to the peak learning rate, then cosine decay to `min_lr` at `max_iters`."""
+    if step < optim.warmup_iters:
+        return optim.learning_rate * (step + 1) / optim.warmup_iters
+    progress = min(1.0, (step - optim.warmup_iters) / max(1, max_iters - optim.warmup_iters))
+    return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        optim.learning_rate - optim.min_lr
+    )
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """`optimizer`'s rate follows `lr_at`: one `step()` of the scheduler per optimizer step."""
+    o = config.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate
+    )
+
+
+def mean_over_ranks(value: float, device: torch.device, group=None) -> float:
+    """The average of a per-rank number (a loss) over the ranks of `group`. The tensor lives on
+    `device`, the engine's own, because NCCL reduces only GPU tensors and gloo only CPU ones."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
+
+
+def shard_pair(x: Tensor, y: Tensor, rank: int, world_size: int) -> tuple[Tensor, Tensor]:
+    """This rank's rows of a global batch of inputs and targets (refused unless they divide)."""
+    return shard_batch(x, rank, world_size), shard_batch(y, rank, world_size)
+
+
+def rebuild_model(
+    config: Mapping, weights: Mapping[str, Tensor] | Path, device: str | torch.device = "cpu"
+) -> GPT:
+    """The GPT a checkpoint's `config` (the run's whole config) describes, holding `weights`:
+    a state dict, or a checkpoint folder to read `model.safetensors` from."""
+    model = GPT(GPTConfig.from_dict(config["model"])).to(device)
+    if isinstance(weights, Path):
+        checkpoint.load_weights(weights, model)
+    else:
+        model.load_state_dict(weights)
+    return model

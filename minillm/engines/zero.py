@@ -1,0 +1,93 @@
+"""The from-scratch ZeRO engine: `minillm.parallel.zero.Zero` under the Trainer (chapter 09)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from minillm import checkpoint
+from minillm.engines.common import lr_schedule, mean_over_ranks, rebuild_model, shard_pair
+from minillm.errors import InputError
+from minillm.model import GPT
+from minillm.parallel.zero import Zero
+from minillm.train_config import TrainConfig
+
+
+class ZeroEngine:
+    """`Zero` behind the Trainer's engine interface: fp32, accumulation, clipping and the
+    Trainer's learning-rate schedule. Use `functools.partial(ZeroEngine, stage=k)` as a Trainer's
+    `engine_factory` in launched ranks."""
+
+    schedules_micro_batches = False
+
+    def __init__(self, model: GPT, config: TrainConfig, device: torch.device, *, stage: int = 2):
+        if config.precision != "fp32":
+            raise InputError("ZeroEngine trains in fp32; use precision=fp32")
+        o = config.optim
+        self.module, self.config, self.device = model, config, device
+        self.zero = Zero(
+            model,
+            stage,
+            lr=o.learning_rate,
+            betas=(o.beta1, o.beta2),
+            weight_decay=o.weight_decay,
+            grad_clip=o.grad_clip,
+        )
+        self.rank, self.world_size = self.zero.rank, self.zero.world_size
+        self.scheduler = lr_schedule(self.zero.optimizer, config)
+        self._micro = 0
+
+    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return shard_pair(x, y, self.rank, self.world_size)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.module(x, y)[1]
+
+    def backward(self, loss: Tensor) -> None:
+        (loss / self.config.grad_accum).backward()
+        self._micro += 1
+
+    def step(self) -> float | None:
+        if self._micro % self.config.grad_accum:
+            return None
+        norm = self.zero.step()
+        self.scheduler.step()
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.zero.optimizer.param_groups[0]["lr"]
+
+    def mean(self, value: float) -> float:
+        return mean_over_ranks(value, self.device)
+
+    def save_checkpoint(
+        self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer
+    ) -> Path:
+        """The full weights, gathered from the shards, written by rank 0 (for sampling). The
+        optimizer shards are not saved, so such a run cannot be resumed."""
+        weights = self.zero.full_state_dict()
+        if self.rank == 0:
+            model = rebuild_model(config, weights)
+            checkpoint.save(run_dir, step, model, state, config, keep, tokenizer)
+        dist.barrier()
+        return checkpoint.checkpoint_dir(run_dir, step)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        raise checkpoint.CheckpointError(
+            f"{path} holds weights only (ZeroEngine does not save optimizer shards); start the "
+            "run over in a fresh out_dir"
+        )
+
+
+def train_worker(rank: int, world_size: int, config: TrainConfig, stage: int) -> list[float]:
+    """The Trainer with `ZeroEngine` at `stage`; rank 0 returns the loss of every step."""
+    from functools import partial
+
+    from minillm.train import Trainer, read_metrics
+
+    Trainer(config, progress=False, engine_factory=partial(ZeroEngine, stage=stage)).fit()
+    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

@@ -1,0 +1,81 @@
+"""What a training run is told: the model, the data, the optimizer and the loop, as typed
+configs read from YAML with `key=value` overrides (`minillm train --set ...`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minillm.config import apply_overrides, build, load_yaml
+from minillm.errors import InputError, unknown_name
+from minillm.model import GPTConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+TOKENIZERS = ("char", "bpe")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "tinyshakespeare"
+    tokenizer: str = "char"  # "char" (one id per character) or "bpe" (byte-level BPE)
+    bpe_vocab_size: int = 512  # only for tokenizer: bpe
+    val_fraction: float = 0.1  # the last 10% of the token stream is held out
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3  # peak, reached after warm-up
+    min_lr: float = 1e-4  # the cosine decays to this
+    warmup_iters: int = 100
+    weight_decay: float = 0.1  # on 2-D weights only (GPT.param_groups)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    eval_interval: int = 250
+    eval_iters: int = 20  # batches per split in each evaluation
+    checkpoint_interval: int = 250
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/shakespeare-char"
+    seed: int = 1337
+    device: str = "auto"  # "auto" picks cuda, then mps, then cpu
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + loss scaling, CUDA)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    sample_tokens: int = 300  # printed after training; 0 for none
+    sample_prompt: str = "\n"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "checkpoint_interval",
+        ):
+            if getattr(self, name) <= 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise unknown_name("precision", self.precision, PRECISIONS)
+        if self.data.tokenizer not in TOKENIZERS:
+            raise unknown_name("tokenizer", self.data.tokenizer, TOKENIZERS)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.model.block_size
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A `TrainConfig` from a YAML file (or the defaults) plus `key=value` overrides."""
+    raw = load_yaml(path) if path else {}
+    return build(TrainConfig, apply_overrides(raw, overrides or []))
