@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from course_repo import GIT_ENV, REPO, git, publish_course
 
 from minillm.notebooks import (
     CONFLICT_OURS,
@@ -23,32 +24,16 @@ from minillm.notebooks import (
     refresh_git_index,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@localhost",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@localhost",
-    "GIT_CONFIG_GLOBAL": os.devnull,  # the machine's own git settings must not matter
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
 CHAPTER = "chapters/03_attention.ipynb"
 EXERCISE = "exercises/ch03_attention.py"
 
 
-def git(cwd: Path, *args: str, env: dict | None = None) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV}
-    )
-    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
-    return done.stdout
-
-
 def course(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **GIT_ENV, "MINILLM_VENV": str(VENV)}
-    env.pop("GIT_AUTHOR_NAME")  # a student without a git identity must still be able to update
-    env.pop("GIT_COMMITTER_NAME")
+    # A student without a git identity must still be able to update.
+    anonymous = ("GIT_AUTHOR", "GIT_COMMITTER")
+    env = {k: v for k, v in {**os.environ, **GIT_ENV}.items() if not k.startswith(anonymous)}
+    env["MINILLM_VENV"] = str(VENV)
     return subprocess.run(
         ["bash", str(cwd / "course"), *args], cwd=cwd, capture_output=True, text=True, env=env
     )
@@ -88,19 +73,8 @@ def run_in_jupyter(path: Path) -> None:
 
 @pytest.fixture
 def upstream(tmp_path):
-    """The course's repository: this checkout's tracked files, committed once."""
-    root = tmp_path / "upstream"
-    root.mkdir()
-    tracked = git(REPO, "ls-files", "-z").split("\0")
-    for name in filter(None, tracked):
-        source = REPO / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "add", ".")
-    git(root, "commit", "-q", "-m", "course v1")
-    return root
+    """The course's repository."""
+    return publish_course(tmp_path / "upstream")
 
 
 def test_student_work_survives_a_course_update(upstream, tmp_path):
