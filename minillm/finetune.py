@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.errors import InputError, InputTypeError, require_positive
+from minillm.generate import generate
 from minillm.memory import bytes_per_value, model_state_bytes
 from minillm.model import GPT, IGNORE_INDEX
 from minillm.tokenizer import Tokenizer
@@ -84,15 +85,17 @@ def sft_batch(
     return pad_batch([p[0] for p in pairs], pad_id), pad_batch([p[1] for p in pairs], IGNORE_INDEX)
 
 
-@torch.no_grad()
 def answer(
     model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 40, stop: str = "\n"
 ) -> str:
-    """The model's greedy continuation of `prompt`, up to the first `stop` text (not included)."""
-    model.eval()
+    """The model's greedy continuation of `prompt`, up to the first `stop` text (not included).
+    Generation ends at `stop` when it is one token; the text is cut at `stop` in any case (a
+    tokenizer may merge it with its neighbours)."""
     device = next(model.parameters()).device
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    out = model.generate(idx, max_new_tokens, temperature=0)
+    stop_ids = tokenizer.encode(stop) if stop else []
+    one_token = stop_ids if len(stop_ids) == 1 else ()
+    out = generate(model, idx, max_new_tokens, temperature=0, stop_tokens=one_token)
     text = tokenizer.decode(out[0, idx.shape[1] :].tolist())
     return text.split(stop)[0] if stop else text
 

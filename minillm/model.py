@@ -1,27 +1,27 @@
-"""The course's transformers in one file: the GPT that every later chapter trains, parallelises,
-fine-tunes and compresses, and chapter 04's two other families (a BERT-style masked-LM encoder
-and an encoder-decoder).
+"""The course GPT, the decoder-only language model that every later chapter trains, parallelises,
+fine-tunes and compresses, and the pieces it is built from (chapter 04's other families,
+`minillm.encoders`, reuse them).
 
 Read it top to bottom:
 
-1. positions: the sinusoidal table and rotary embeddings;
-2. the pieces every family shares: `Attention` (self or cross, causal or padded), `MLP`, and the
-   pre-LayerNorm `Block`;
-3. `GPTConfig` and `GPT`, the decoder-only language model (nanoGPT's layout, with llama-style module
-   names `self_attn.{q,k,v,o}_proj` and `mlp.{up,down}_proj` so that tensor-parallel code and
-   DeepSpeed's AutoTP find the layers);
-4. `EncoderConfig`, `BertStyleEncoder` with `mask_tokens`, and `Seq2Seq`.
+1. positions: rotary embeddings (the GPT's other option, a learned table, is `GPT.pos_emb`);
+2. the pieces every family shares: `KVCache`, `Attention` (self or cross, causal or padded),
+   `MLP`, the pre-LayerNorm `Block`, the weight initialisation and the loss;
+3. `GPTConfig` and `GPT` (nanoGPT's layout, with llama-style module names `self_attn.{q,k,v,o}_proj`
+   and `mlp.{up,down}_proj` so that tensor-parallel code and DeepSpeed's AutoTP find the layers).
+   Its forward pass is three parts, `embed`, `run_blocks` and `head`; a pipeline stage is the GPT
+   with some parts absent (`GPT.part`) and runs the same code.
 
 Shapes: B batch, T sequence length, C = n_embd, H heads, D = C // H features per head, V vocabulary.
-Every model's `forward` returns `(logits, loss or None)` and knows nothing of what drives it (a
-plain loop, DDP, DeepSpeed).
+`forward` returns `(logits, loss or None)` and knows nothing of what drives it (a plain loop, DDP,
+DeepSpeed). Generating text is `minillm.generate`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Self
 
@@ -44,30 +44,11 @@ IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _angles(positions: Tensor, dim: int, base: float) -> Tensor:
+def position_angles(positions: Tensor, dim: int, base: float) -> Tensor:
     """`pos * base^(-2i/dim)` for each position and each i < dim/2: `(len(positions), dim // 2)`."""
     even = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = base ** (-even / dim)
     return positions.float()[:, None] * inv_freq
-
-
-def sinusoidal_positions(n_positions: int, dim: int, base: float = 10000.0) -> Tensor:
-    """The fixed position table of "Attention Is All You Need": `(n_positions, dim)`.
-
-    Column 2i holds sin(pos / base^(2i/dim)) and column 2i+1 the cosine of the same angle: each
-    pair of columns is a clock turning at its own speed, fast in the first columns, slow in the
-    last, so every position gets a distinct code and nearby positions get similar ones.
-
-    >>> sinusoidal_positions(2, 4)
-    tensor([[0.0000, 1.0000, 0.0000, 1.0000],
-            [0.8415, 0.5403, 0.0100, 0.9999]])
-    """
-    require_positive(n_positions, "n_positions", integer=True)
-    require_positive(dim, "dim", integer=True)
-    if dim % 2:
-        raise InputError(f"dim must be even (sin and cos columns come in pairs), got {dim}")
-    angles = _angles(torch.arange(n_positions), dim, base)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave sin, cos
 
 
 def rotary_cos_sin(
@@ -78,7 +59,7 @@ def rotary_cos_sin(
     Llama's layout: feature i is paired with feature i + head_dim/2, and both columns of a pair hold
     the same angle pos * base^(-2i/head_dim).
     """
-    angles = _angles(positions, head_dim, base)
+    angles = position_angles(positions, head_dim, base)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -308,7 +289,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def _init_weights(model: nn.Module, n_layer: int) -> None:
+def init_weights(model: nn.Module, n_layer: int) -> None:
     """GPT-2's initialisation: weights and embeddings N(0, 0.02), biases 0, LayerNorm (1, 0), and
     the projections that write into the residual stream (`o_proj`, `down_proj`) scaled by
     1/sqrt(2 n_layer), so that the stream's variance does not grow with depth."""
@@ -320,7 +301,7 @@ def _init_weights(model: nn.Module, n_layer: int) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _check_token_ids(idx: Any, vocab_size: int, block_size: int | None, name: str = "idx") -> None:
+def check_token_ids(idx: Any, vocab_size: int, block_size: int | None, name: str = "idx") -> None:
     """Raise a one-sentence error unless `idx` is a `(B, T)` integer tensor of ids in
     [0, vocab_size) with 1 <= T <= block_size (any T >= 1 when block_size is None)."""
     if not isinstance(idx, Tensor):
@@ -362,7 +343,7 @@ def lm_loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Config:
+class ModelConfig:
     """What the model configs share: `from_dict`, `to_dict` and the size checks."""
 
     @classmethod
@@ -404,7 +385,7 @@ class _Config:
 
 
 @dataclass
-class GPTConfig(_Config):
+class GPTConfig(ModelConfig):
     """Sizes and options of the course GPT. The defaults are a 0.8M-parameter model for
     character-level tiny Shakespeare (65 characters)."""
 
@@ -463,7 +444,7 @@ class GPT(nn.Module):
         if c.tie_weights:
             # One matrix both reads tokens in and scores them out (GPT-2, and V*C fewer parameters).
             self.lm_head.weight = self.tok_emb.weight
-        _init_weights(self, c.n_layer)
+        init_weights(self, c.n_layer)
         self.activation_checkpoint = None  # the function wrapping each block; see below
 
     def set_activation_checkpointing(self, enabled: bool = True, checkpoint=None) -> None:
@@ -489,7 +470,7 @@ class GPT(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """`idx` `(B, T)` integer token ids, T <= block_size; `targets` `(B, T)` the token that
         follows each position (-100 where nothing should be learned); `cache` a `KVCache` that
-        holds the tokens before `idx` (chapter 11: generating with a cache).
+        holds the tokens before `idx` (generating with a cache, `minillm.generate`).
 
         Returns logits `(B, T, V)` and the mean cross-entropy over the targets (None without).
         """
@@ -507,35 +488,104 @@ class GPT(nn.Module):
         every token attends to them, and the output is `(B, P + T, C)`.
         """
         c = self.config
-        n_before = 0 if prefix is None else prefix.shape[1]
+        start = 0  # the position of idx's first token
         if cache is not None:
             if prefix is not None or len(cache.layers) != c.n_layer:
                 raise InputError(f"a KV cache needs no prefix and KVCache({c.n_layer}) layers")
-            n_before = cache.length
-        _check_token_ids(idx, c.vocab_size, c.block_size - n_before)
-        x = self.tok_emb(idx)  # (B, T, C)
-        if prefix is not None:
-            if prefix.dim() != 3 or prefix.shape[2] != c.n_embd:
-                raise InputError(
-                    f"prefix must have shape (batch or 1, P, n_embd={c.n_embd}), "
-                    f"got {tuple(prefix.shape)}"
-                )
-            x = torch.cat((prefix.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        positions = torch.arange(x.shape[1], device=idx.device)
-        if cache is not None:
-            positions = positions + cache.length  # the new tokens follow the cached ones
+            start = cache.length  # the new tokens follow the cached ones
+        n_before = start if prefix is None else prefix.shape[1]
+        check_token_ids(idx, c.vocab_size, c.block_size - n_before)
+        x = self.embed(idx, prefix, start=start)
+        return self.ln_f(self.run_blocks(x, start=start, cache=cache))
+
+    # -- the forward pass in parts: embed, run_blocks, head ------------------------------------
+    # Each part takes `start`, the position of its first row, so that a part can run on its own:
+    # a pipeline stage (minillm.parallel.pipeline, minillm.engines.pipeline) is a `part` of the
+    # GPT and runs these methods; a KV cache feeds tokens that start after the cached ones.
+
+    def embed(self, idx: Tensor, prefix: Tensor | None = None, start: int = 0) -> Tensor:
+        """Token ids `(B, T)` -> the residual stream's input `(B, T, C)`: `embed_tokens`, then
+        `add_positions`. Ids are not checked here (`hidden_states` checks them)."""
+        return self.add_positions(self.embed_tokens(idx, prefix), start)
+
+    def embed_tokens(self, idx: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """The token vectors `(B, T, C)`, after `prefix` `(B or 1, P, C)` if given."""
+        x = self.tok_emb(idx)
+        if prefix is None:
+            return x
+        if prefix.dim() != 3 or prefix.shape[2] != self.config.n_embd:
+            raise InputError(
+                f"prefix must have shape (batch or 1, P, n_embd={self.config.n_embd}), "
+                f"got {tuple(prefix.shape)}"
+            )
+        return torch.cat((prefix.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+
+    def add_positions(self, x: Tensor, start: int = 0) -> Tensor:
+        """Add the learned position vectors of positions start..start+T-1 to `x` `(B, T, C)`,
+        once, here (with rotary positions nothing is added: attention rotates q and k), then
+        apply dropout."""
+        if self.config.positions == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + x.shape[1], device=x.device))
+        return self.drop(x)
+
+    def run_blocks(self, x: Tensor, start: int = 0, cache: KVCache | None = None) -> Tensor:
+        """`x` `(B, T, C)` at positions start..start+T-1 through every block this GPT holds, in
+        order, causally; `cache` collects each block's keys and values."""
         rotary = None
-        if c.positions == "learned":
-            x = x + self.pos_emb(positions)  # added once, here, never again
-        else:
-            rotary = rotary_cos_sin(positions, c.head_dim)  # used inside every attention layer
-        x = self.drop(x)
+        if self.config.positions == "rotary":  # the same tables for every layer
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+            rotary = rotary_cos_sin(positions, self.config.head_dim)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpoint is not None and torch.is_grad_enabled():
                 x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
             else:
                 x = block(x, is_causal=True, rotary=rotary, cache=cache, layer=i)
-        return self.ln_f(x)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """The last blocks' output `(B, T, C)` -> logits `(B, T, V)`: `ln_f`, then `lm_head`."""
+        return self.lm_head(self.ln_f(x))
+
+    def part(
+        self,
+        layers: Iterable[int] = (),
+        *,
+        tokens: bool = False,
+        positions: bool = False,
+        head: bool = False,
+    ) -> GPT:
+        """This GPT with parts absent: a GPT that holds only the blocks in `layers` (under their
+        names in the whole model: block 5 stays `blocks.5`), `tok_emb` if `tokens`, `pos_emb`
+        and the embedding dropout if `positions`, `ln_f` and `lm_head` if `head`.
+
+        The modules are this model's own, not copies (`copy.deepcopy` the part for separate
+        weights). A pipeline stage is such a part and runs the methods above on what it holds;
+        `forward` and `hidden_states` need every part. Activation checkpointing is off in a part
+        (the pipeline engines decide it).
+        """
+        layers = list(layers)
+        n_layer = self.config.n_layer
+        if any(not isinstance(i, int) or not 0 <= i < n_layer for i in layers) or (
+            len(set(layers)) != len(layers)
+        ):
+            raise InputError(
+                f"layers must be distinct block indices in [0, {n_layer}), got {layers}"
+            )
+        part = GPT.__new__(GPT)  # not __init__: the part builds no modules of its own
+        nn.Module.__init__(part)
+        part.config, part.activation_checkpoint = self.config, None
+        if tokens:
+            part.tok_emb = self.tok_emb
+        if positions:
+            if self.config.positions == "learned":
+                part.pos_emb = self.pos_emb
+            part.drop = self.drop
+        part.blocks = nn.ModuleList()
+        for i in layers:
+            part.blocks.add_module(str(i), self.blocks[i])  # iterated in order, named as here
+        if head:
+            part.ln_f, part.lm_head = self.ln_f, self.lm_head
+        return part
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameters, each counted once (a tied lm_head is tok_emb's matrix). `non_embedding`
@@ -568,237 +618,3 @@ class GPT(nn.Module):
         """torch's AdamW over `param_groups(weight_decay)`."""
         require_positive(learning_rate, "learning_rate")
         return torch.optim.AdamW(self.param_groups(weight_decay), lr=learning_rate, betas=betas)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Append `max_new_tokens` tokens to each prompt in `idx` `(B, T)`: `(B, T + new)`.
-
-        Each step reads the last block_size tokens, divides the last position's logits by
-        `temperature` (0 means greedy: always the most likely token), keeps the `top_k` largest
-        if given, and samples from the softmax with `generator` (a `torch.Generator` on the
-        model's device, for repeatable samples). Call `model.eval()` first so dropout is off.
-        """
-        c = self.config
-        _check_token_ids(idx, c.vocab_size, block_size=None)  # longer prompts are cropped below
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or (max_new_tokens < 0)
-        ):
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
-            temperature < 0
-        ):
-            raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None:
-            require_positive(top_k, "top_k", integer=True)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -c.block_size :])
-            logits = logits[:, -1, :]  # (B, V): only the last position predicts a new token
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth_largest = logits.topk(min(top_k, c.vocab_size), dim=-1).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The other families: encoder-only (masked LM) and encoder-decoder
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderConfig(_Config):
-    """Sizes of `BertStyleEncoder`, and of both halves of `Seq2Seq` (which share one vocabulary).
-    Token `pad_id` marks padding: it is masked out as a key and never predicted."""
-
-    vocab_size: int = 32
-    block_size: int = 32
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    dropout: float = 0.0
-    bias: bool = True
-    pad_id: int = 0
-
-    def __post_init__(self) -> None:
-        self._check_sizes()
-        if not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.vocab_size:
-            raise InputError(
-                f"pad_id must be a token id in [0, {self.vocab_size}), got {self.pad_id!r}"
-            )
-
-
-def mask_tokens(
-    idx: Tensor,
-    *,
-    mask_id: int,
-    vocab_size: int,
-    mask_prob: float = 0.15,
-    special_ids: Sequence[int] = (),
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """BERT's masking rule for a masked-language-model batch.
-
-    Each token is chosen with probability `mask_prob` (tokens in `special_ids`, such as padding,
-    never are). Of the chosen, 80% become `mask_id`, 10% a uniformly random token and 10% stay as
-    they are: the model cannot tell which unmasked-looking tokens it will be asked about, so it
-    must represent every token well, not only [MASK] positions (which fine-tuning never shows).
-
-    Args:
-        idx: `(B, T)` integer token ids.
-    Returns:
-        `(inputs, labels)`, both `(B, T)`: `inputs` with the replacements made, `labels` the
-        original id at chosen positions and -100 (ignored by the loss) elsewhere.
-    """
-    if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int):
-        raise InputTypeError("idx must be a tensor of integer token ids (torch.long)")
-    if not 0.0 < mask_prob <= 1.0:
-        raise InputError(f"mask_prob must be in (0, 1], got {mask_prob!r}")
-    if not 0 <= mask_id < vocab_size:
-        raise InputError(f"mask_id must be a token id in [0, {vocab_size}), got {mask_id!r}")
-    draw = torch.rand((2, *idx.shape), generator=generator, device=idx.device)
-    chosen = draw[0] < mask_prob
-    if special_ids:
-        chosen &= ~torch.isin(idx, torch.tensor(list(special_ids), device=idx.device))
-    labels = torch.where(chosen, idx, IGNORE_INDEX)
-    random_ids = torch.randint(
-        vocab_size, idx.shape, generator=generator, device=idx.device, dtype=idx.dtype
-    )
-    inputs = torch.where(chosen & (draw[1] < 0.8), mask_id, idx)
-    inputs = torch.where(chosen & (draw[1] >= 0.8) & (draw[1] < 0.9), random_ids, inputs)
-    return inputs, labels
-
-
-class BertStyleEncoder(nn.Module):
-    """Encoder-only masked language model: BERT's recipe at toy size.
-
-    Every token attends to every real token on both sides (no causal mask; padding is masked out as
-    a key). Positions are learned and added once, to the token embeddings; no layer adds them
-    again (seed 000 claims every BERT layer has a positional-encoding layer: it does not).
-    Blocks are pre-LN like the GPT's (BERT itself is post-LN). The MLM head scores every position
-    with the tied embedding matrix; the loss counts only the positions `mask_tokens` chose.
-    """
-
-    def __init__(self, config: EncoderConfig):
-        super().__init__()
-        if not isinstance(config, EncoderConfig):
-            got = type(config).__name__
-            raise InputTypeError(f"BertStyleEncoder takes an EncoderConfig, got {got}")
-        self.config = c = config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
-        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
-            Block(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout) for _ in range(c.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.mlm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.mlm_head.weight = self.tok_emb.weight
-        _init_weights(self, c.n_layer)
-
-    def encode(self, idx: Tensor) -> Tensor:
-        """Contextual vectors `(B, T, C)` for `idx` `(B, T)` (pad_id at padding)."""
-        c = self.config
-        _check_token_ids(idx, c.vocab_size, c.block_size)
-        padding_mask = idx != c.pad_id  # (B, T), True at real tokens
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.blocks:
-            x = block(x, padding_mask=padding_mask)
-        return self.ln_f(x)
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """`idx` `(B, T)` masked inputs, `targets` `(B, T)` from `mask_tokens` (-100 where
-        unmasked). Returns logits `(B, T, V)` and the mean cross-entropy over masked positions."""
-        logits = self.mlm_head(self.encode(idx))
-        return logits, lm_loss(logits, targets)
-
-
-class Seq2Seq(nn.Module):
-    """Encoder-decoder transformer, the original Transformer's shape (T5 and BART follow it).
-
-    The encoder reads the source with bidirectional self-attention. Each decoder block attends
-    causally to the target so far, then cross-attends to the encoder's output (queries from the
-    decoder, keys and values from the encoder), then applies its MLP. Positions come from the fixed
-    sinusoidal table, added once on each side. Source and target share the vocabulary and one
-    embedding matrix, tied to the output head.
-    """
-
-    def __init__(self, config: EncoderConfig):
-        super().__init__()
-        if not isinstance(config, EncoderConfig):
-            raise InputTypeError(f"Seq2Seq takes an EncoderConfig, got {type(config).__name__}")
-        self.config = c = config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
-        table = sinusoidal_positions(c.block_size, c.n_embd)
-        self.register_buffer("pos_table", table, persistent=False)  # (block_size, C), not learned
-        self.drop = nn.Dropout(c.dropout)
-        self.encoder = nn.ModuleList(
-            Block(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout) for _ in range(c.n_layer)
-        )
-        self.ln_enc = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.decoder = nn.ModuleList(
-            Block(c.n_embd, c.n_head, bias=c.bias, dropout=c.dropout, cross_attention=True)
-            for _ in range(c.n_layer)
-        )
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
-        _init_weights(self, c.n_layer)
-
-    def _embed(self, idx: Tensor) -> Tensor:
-        # The paper scales token vectors by sqrt(C) so they are not drowned by the unit-size table.
-        x = self.tok_emb(idx) * math.sqrt(self.config.n_embd) + self.pos_table[: idx.shape[1]]
-        return self.drop(x)
-
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        """Source ids `(B, S)` -> memory `(B, S, C)` and its padding mask `(B, S)`."""
-        c = self.config
-        _check_token_ids(src, c.vocab_size, c.block_size, name="src")
-        src_mask = src != c.pad_id
-        x = self._embed(src)
-        for block in self.encoder:
-            x = block(x, padding_mask=src_mask)
-        return self.ln_enc(x), src_mask
-
-    def decode(self, tgt: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
-        """Target ids so far `(B, T)` and the encoder's memory -> logits `(B, T, V)`."""
-        c = self.config
-        _check_token_ids(tgt, c.vocab_size, c.block_size, name="tgt")
-        x = self._embed(tgt)
-        for block in self.decoder:
-            x = block(x, is_causal=True, memory=memory, memory_padding_mask=src_mask)
-        return self.lm_head(self.ln_f(x))
-
-    def forward(
-        self, src: Tensor, tgt: Tensor, targets: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """`src` `(B, S)`, decoder input `tgt` `(B, T)` (a start token, then the target shifted
-        right), `targets` `(B, T)`. Returns logits `(B, T, V)` and the mean cross-entropy."""
-        logits = self.decode(tgt, *self.encode(src))
-        return logits, lm_loss(logits, targets)
-
-    @torch.no_grad()
-    def generate(self, src: Tensor, max_new_tokens: int, start_id: int) -> Tensor:
-        """Greedy decoding: `(B, 1 + max_new_tokens)` target ids beginning with `start_id`. The
-        source is encoded once; the decoder reruns on the growing target."""
-        memory, src_mask = self.encode(src)
-        tgt = torch.full((src.shape[0], 1), start_id, dtype=torch.long, device=src.device)
-        for _ in range(max_new_tokens):
-            next_id = self.decode(tgt, memory, src_mask)[:, -1].argmax(dim=-1, keepdim=True)
-            tgt = torch.cat((tgt, next_id), dim=1)
-        return tgt

@@ -9,6 +9,7 @@ import torch
 from minillm import checkpoint
 from minillm.engines.common import rebuild_model
 from minillm.errors import InputError, require_text
+from minillm.generate import generate
 from minillm.model import GPT
 from minillm.tokenizer import Tokenizer
 from minillm.tokenizer import load as load_tokenizer
@@ -22,10 +23,12 @@ def generate_text(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
 ) -> str:
-    """`prompt` followed by `max_new_tokens` sampled tokens, decoded. The same seed gives the
-    same text; temperature 0 is greedy decoding."""
+    """`prompt` followed by `max_new_tokens` generated tokens, decoded: `minillm.generate` on
+    text. The same seed gives the same text; temperature 0 is greedy decoding. A prompt longer
+    than the model's context is refused rather than silently cut."""
     require_text(prompt, "prompt")
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -37,17 +40,15 @@ def generate_text(
             f"shorten it to at most {block} tokens"
         )
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
+    out = generate(
+        model,
         torch.tensor([ids], device=device),
         max_new_tokens,
         temperature=temperature,
         top_k=top_k,
-        generator=generator,
+        top_p=top_p,
+        seed=seed,
     )
-    model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minillm import checkpoint, data
 from minillm.config import to_dict
@@ -28,6 +27,7 @@ from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 from minillm.train_config import DataConfig, TrainConfig
+from minillm.utils import progress_bar
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -144,7 +144,7 @@ class Trainer:
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
         evaluation = {}
-        bar = tqdm(
+        bar = progress_bar(
             total=c.max_iters,
             initial=self.step,
             desc="training",
@@ -244,10 +244,14 @@ class Trainer:
         self,
         prompt: str,
         max_new_tokens: int,
+        *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
     ) -> str:
+        """`prompt` continued by the model being trained (`minillm.sample.generate_text`); the
+        seed defaults to the run's."""
         return generate_text(
             self.model,
             self.tokenizer,
@@ -255,6 +259,7 @@ class Trainer:
             max_new_tokens,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
             seed=self.config.seed if seed is None else seed,
         )
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from minillm import finetune as ft
 from minillm.errors import InputError, InputTypeError
+from minillm.generate import generate
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizer import CharTokenizer
 
@@ -116,6 +117,20 @@ def test_training_lowers_the_response_loss_and_answers(gpt, tokenizer):
     assert losses[-1] < 0.05 < losses[0]
     assert ft.answer(gpt, tokenizer, "ab:") == "cab"
     assert ft.exact_match(gpt, tokenizer, [example]) == 1.0
+
+
+def test_answer_is_the_greedy_continuation_cut_at_stop_and_ends_there(gpt, tokenizer):
+    idx = torch.tensor([tokenizer.encode("ab:")])
+    free = generate(gpt, idx, 12, temperature=0)
+    text = tokenizer.decode(free[0, 3:].tolist())
+    assert ft.answer(gpt, tokenizer, "ab:", 12, stop="") == text
+    stop = text[3]  # a one-token stop: generation ends at its first occurrence
+    steps = []
+    gpt.lm_head.register_forward_hook(lambda *_: steps.append(1))
+    assert ft.answer(gpt, tokenizer, "ab:", 12, stop=stop) == text.split(stop)[0]
+    assert len(steps) == text.index(stop) + 1
+    two_tokens = text[1:3]  # not one token: the text is cut, generation runs to the end
+    assert ft.answer(gpt, tokenizer, "ab:", 12, stop=two_tokens) == text.split(two_tokens)[0]
 
 
 def test_train_steps_refuses_a_fully_frozen_model(gpt):

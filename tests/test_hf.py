@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from minillm.errors import InputError, InputTypeError
+from minillm.generate import generate
 from minillm.hf import from_hf, load_gpt2, save_pretrained, to_hf
 from minillm.model import GPT, GPTConfig
 
@@ -98,7 +99,7 @@ def test_saved_folder_loads_with_automodel_and_generates_like_minillm(tmp_path):
     theirs = hf.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False
     )
-    assert torch.equal(theirs, gpt.generate(prompt, 10, temperature=0))
+    assert torch.equal(theirs, generate(gpt, prompt, 10, temperature=0))
 
 
 def test_save_pretrained_writes_the_tokenizer_and_its_end_token(tmp_path):

@@ -1,6 +1,6 @@
-"""Chapter 11's inference and compression methods against independent references: transformers'
-logits processors, torch's quantize_per_tensor / per_channel and its pruning utilities, numpy's
-SVD, float64 hand computations, and the uncompressed model itself."""
+"""Chapter 11's compression methods against independent references: torch's quantize_per_tensor /
+per_channel and its pruning utilities, numpy's SVD, float64 hand computations, and the
+uncompressed model itself. (Decoding and the KV cache: tests/test_generate.py.)"""
 
 import math
 
@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from minillm import infer
 from minillm.errors import InputError
-from minillm.model import GPT, GPTConfig, KVCache
+from minillm.model import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=40, block_size=12, n_layer=3, n_head=4, n_embd=32)
 
@@ -23,80 +22,6 @@ CONFIG = GPTConfig(vocab_size=40, block_size=12, n_layer=3, n_head=4, n_embd=32)
 def gpt():
     torch.manual_seed(0)
     return GPT(CONFIG).eval()
-
-
-# -- decoding -------------------------------------------------------------------------------
-
-
-def test_top_k_and_top_p_equal_transformers_warpers():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 50) * 3
-    for top_k in (1, 5, 50):
-        expected = TopKLogitsWarper(top_k)(None, logits.clone())
-        assert torch.equal(infer.filter_logits(logits, top_k=top_k).isinf(), expected.isinf())
-    for top_p in (0.1, 0.5, 0.9, 1.0):
-        expected = TopPLogitsWarper(top_p)(None, logits.clone())
-        assert torch.equal(infer.filter_logits(logits, top_p=top_p).isinf(), expected.isinf()), (
-            top_p
-        )
-
-
-def test_top_p_by_hand():
-    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda p: (~infer.filter_logits(logits, top_p=p).isinf()).nonzero()[:, 1].tolist()  # noqa: E731
-    assert kept(0.7) == [0, 1]  # 0.5 < 0.7, 0.5 + 0.3 reaches it
-    assert kept(0.5) == [0]
-    assert kept(0.96) == [0, 1, 2, 3]
-    assert kept(0.01) == [0]  # the most likely token always stays
-    for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0}, {"top_k": 0}):
-        with pytest.raises(InputError):
-            infer.filter_logits(logits, **bad)
-
-
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_kv_cache_gives_the_logits_of_the_full_forward_pass(positions):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**CONFIG.to_dict(), "positions": positions})).eval()
-    idx = torch.randint(0, CONFIG.vocab_size, (2, CONFIG.block_size))
-    cache = KVCache(CONFIG.n_layer)
-    with torch.no_grad():
-        full, _ = model(idx)
-        first, _ = model(idx[:, :5], cache=cache)
-        steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, CONFIG.block_size)]
-    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache.length == CONFIG.block_size
-    assert cache.nbytes() == 2 * CONFIG.n_layer * 2 * CONFIG.block_size * CONFIG.n_embd * 4
-    with pytest.raises(InputError, match="longer than the context"):
-        model(idx[:, :1], cache=cache)  # the cache is full
-
-
-def test_a_filled_cache_takes_one_token_at_a_time(gpt):
-    cache = KVCache(CONFIG.n_layer)
-    idx = torch.randint(0, CONFIG.vocab_size, (1, 6))
-    gpt(idx[:, :3], cache=cache)
-    with pytest.raises(InputError, match="one new token"):
-        gpt(idx[:, 3:], cache=cache)
-    with pytest.raises(InputError, match="KVCache"):
-        gpt(idx, cache=KVCache(1))
-
-
-def test_generation_with_a_cache_equals_generation_without_past_the_context(gpt):
-    prompt = torch.randint(0, CONFIG.vocab_size, (2, 4))
-    n = 3 * CONFIG.block_size  # the window slides: the cache is rebuilt
-    cached = infer.generate(gpt, prompt, n, temperature=0)
-    assert torch.equal(cached, infer.generate(gpt, prompt, n, temperature=0, use_cache=False))
-    assert torch.equal(cached, gpt.generate(prompt, n, temperature=0))
-
-
-def test_sampling_with_a_seed_equals_the_models_own_sampler(gpt):
-    prompt = torch.randint(0, CONFIG.vocab_size, (2, 3))
-    ours = infer.generate(
-        gpt, prompt, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3)
-    )
-    theirs = gpt.generate(
-        prompt, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3)
-    )
-    assert torch.equal(ours, theirs)
 
 
 # -- quantisation ----------------------------------------------------------------------------

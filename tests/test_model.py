@@ -1,5 +1,6 @@
-"""Tests of minillm.model: the course GPT, its positions and options, and the encoder and
-encoder-decoder families."""
+"""Tests of minillm.model: the course GPT, its positions and options, and the parts of its
+forward pass that pipeline stages run (the encoder families are tests/test_encoders.py,
+generation tests/test_generate.py)."""
 
 import math
 
@@ -9,17 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.errors import InputError, InputTypeError, MiniLLMError
-from minillm.model import (
-    GPT,
-    BertStyleEncoder,
-    EncoderConfig,
-    GPTConfig,
-    Seq2Seq,
-    apply_rotary,
-    mask_tokens,
-    rotary_cos_sin,
-    sinusoidal_positions,
-)
+from minillm.model import GPT, GPTConfig, apply_rotary, rotary_cos_sin
 
 SMALL = dict(vocab_size=17, block_size=12, n_layer=2, n_head=2, n_embd=16)
 
@@ -104,15 +95,6 @@ def test_rotary_scores_depend_only_on_relative_position():
     torch.testing.assert_close(scores(0), scores(1000), rtol=0, atol=1e-3)
     cos, sin = rotary_cos_sin(positions, 8)
     torch.testing.assert_close(apply_rotary(q, cos, sin).norm(dim=-1), q.norm(dim=-1))
-
-
-def test_sinusoidal_table_interleaves_sin_and_cos():
-    table = sinusoidal_positions(50, 6)
-    pos, i = 7, 1  # column pair (2, 3)
-    angle = pos / 10000 ** (2 * i / 6)
-    assert table.shape == (50, 6)
-    assert table[pos, 2].item() == pytest.approx(math.sin(angle), abs=1e-6)
-    assert table[pos, 3].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
 def test_rotary_model_has_no_position_table():
@@ -225,38 +207,76 @@ def test_gpt_learns_a_repeating_pattern(positions):
     assert losses[-1] < 0.25 * losses[0]
 
 
-def test_generate_is_repeatable_with_a_seeded_generator():
+def test_state_dict_keys_are_the_checkpoint_format():
+    """Checkpoints and minillm.hf read these names: they must not change."""
+    block = [
+        "ln_1.weight",
+        "ln_1.bias",
+        *[f"self_attn.{x}_proj.{w}" for x in "qkvo" for w in ("weight", "bias")],
+        "ln_2.weight",
+        "ln_2.bias",
+        *[f"mlp.{x}_proj.{w}" for x in ("up", "down") for w in ("weight", "bias")],
+    ]
+    expected = [
+        "tok_emb.weight",
+        "pos_emb.weight",
+        *[f"blocks.{i}.{name}" for i in range(2) for name in block],
+        "ln_f.weight",
+        "ln_f.bias",
+        "lm_head.weight",
+    ]
+    assert list(small_gpt().state_dict()) == expected
+    rotary = small_gpt(positions="rotary", bias=False).state_dict()
+    assert list(rotary) == [k for k in expected if "bias" not in k and k != "pos_emb.weight"]
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_parts_compose_to_the_forward_pass(positions, tie_weights):
+    """Two parts, as two pipeline stages hold them, compute the model's logits bit for bit."""
+    model = small_gpt(positions=positions, tie_weights=tie_weights, n_layer=3)
+    idx = torch.randint(0, 17, (2, 12))
+    first = model.part([0], tokens=True, positions=True)
+    last = model.part([1, 2], head=True)
+    logits = last.head(last.run_blocks(first.run_blocks(first.embed(idx))))
+    torch.testing.assert_close(logits, model(idx)[0], rtol=0, atol=0)
+    hidden = model.run_blocks(model.embed(idx))
+    torch.testing.assert_close(model.ln_f(hidden), model.hidden_states(idx), rtol=0, atol=0)
+
+
+def test_a_part_holds_only_its_modules_under_the_models_names():
+    model = small_gpt(n_layer=3)
+    first = model.part([0], tokens=True, positions=True)
+    middle = model.part([1])
+    last = model.part([2], head=True)
+    full = dict(model.named_parameters(remove_duplicate=False))
+    held = {}
+    for part in (first, middle, last):
+        for name, p in part.named_parameters(remove_duplicate=False):
+            assert full[name] is p  # the model's own tensor, not a copy
+            held[name] = p
+    assert set(held) == set(full)  # together they hold every parameter, once each
+    assert set(dict(middle.named_parameters())) == {n for n in full if n.startswith("blocks.1.")}
+    assert set(dict(first.named_parameters())) == {
+        "tok_emb.weight",
+        "pos_emb.weight",
+        *[n for n in full if n.startswith("blocks.0.")],
+    }
+    assert not hasattr(middle, "tok_emb") and not hasattr(middle, "lm_head")
+    rotary = small_gpt(positions="rotary")
+    assert list(rotary.part(positions=True).parameters()) == []  # rotary adds no vectors
+    for bad in ([3], [0, 0], [-1], ["1"]):
+        with pytest.raises(InputError, match=r"distinct block indices in \[0, 3\)"):
+            model.part(bad)
+
+
+def test_learned_positions_start_where_asked():
+    """A part that starts at position s adds rows s, s+1, ... of the table (what a KV cache
+    needs for the tokens after the cached ones)."""
     model = small_gpt()
-    prompt = torch.randint(0, 17, (2, 3))
-
-    def sample(seed: int) -> torch.Tensor:
-        return model.generate(prompt, 20, generator=torch.Generator().manual_seed(seed))
-
-    first = sample(0)
-    assert first.shape == (2, 23)
-    assert torch.equal(first[:, :3], prompt)
-    assert torch.equal(first, sample(0))
-    assert not torch.equal(first, sample(1))
-
-
-def test_generate_keeps_to_the_top_k_tokens():
-    """Near-uniform predictions at initialisation: without the top-k cut, some of the 40 samples
-    would almost surely fall outside the 3 best of 17."""
-    model = small_gpt()
-    prompt = torch.zeros(4, 1, dtype=torch.long)
-    out = model.generate(prompt, 10, top_k=3, generator=torch.Generator().manual_seed(0))
-    logits, _ = model(out[:, :-1])
-    allowed = logits.topk(3, dim=-1).indices  # (B, T, 3): the 3 best at each step
-    assert (allowed == out[:, 1:, None]).any(dim=-1).all()
-    greedy = model.generate(prompt, 10, temperature=0)
-    assert torch.equal(greedy, model.generate(prompt, 10, top_k=1))
-    assert torch.equal(greedy[:, 1:], model(greedy[:, :-1])[0].argmax(-1))
-
-
-def test_generate_crops_the_context_to_block_size():
-    model = small_gpt()
-    out = model.generate(torch.randint(0, 17, (1, 30)), 5, temperature=0)
-    assert out.shape == (1, 35)
+    x = torch.randn(2, 4, 16)
+    torch.testing.assert_close(model.add_positions(x, start=5), x + model.pos_emb.weight[5:9])
+    assert torch.equal(small_gpt(positions="rotary").add_positions(x, start=5), x)
 
 
 @pytest.mark.parametrize(
@@ -279,15 +299,11 @@ def test_bad_inputs_get_one_clear_sentence(idx, error, message):
         small_gpt()(idx)
 
 
-def test_bad_targets_and_generate_arguments():
+def test_bad_targets_get_one_clear_sentence():
     model = small_gpt()
     idx = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(InputError, match=r"targets must be a tensor of shape \(2, 5\)"):
         model(idx, idx[:, :4])
-    with pytest.raises(InputError, match="temperature"):
-        model.generate(idx, 3, temperature=-1.0)
-    with pytest.raises(InputError, match="max_new_tokens"):
-        model.generate(idx, -2)
 
 
 def test_config_from_dict_round_trips_and_rejects_unknown_fields():
@@ -320,105 +336,6 @@ def test_bad_configs_are_rejected(fields, message):
 def test_gpt_rejects_a_dict_config():
     with pytest.raises(InputTypeError, match="GPTConfig.from_dict"):
         GPT({"n_layer": 2})
-
-
-# --- encoder-only and encoder-decoder ------------------------------------------------------
-
-
-def test_mask_tokens_follows_the_80_10_10_rule():
-    vocab, mask_id = 1000, 999
-    idx = torch.randint(1, 999, (200, 1000))
-    idx[:, -100:] = 0  # padding, never chosen
-    inputs, labels = mask_tokens(
-        idx,
-        mask_id=mask_id,
-        vocab_size=vocab,
-        special_ids=(0,),
-        generator=torch.Generator().manual_seed(0),
-    )
-    chosen = labels != -100
-    assert not chosen[:, -100:].any()
-    assert chosen[:, :-100].float().mean().item() == pytest.approx(0.15, abs=0.005)
-    assert torch.equal(labels[chosen], idx[chosen])
-    assert torch.equal(inputs[~chosen], idx[~chosen])
-    masked = (inputs[chosen] == mask_id).float().mean().item()
-    kept = (inputs[chosen] == idx[chosen]).float().mean().item()
-    assert masked == pytest.approx(0.8, abs=0.01)
-    assert kept == pytest.approx(0.1, abs=0.01)
-    assert 1 - masked - kept == pytest.approx(0.1, abs=0.01)  # replaced by a random token
-
-
-def test_encoder_adds_positions_once_and_attends_both_ways():
-    torch.manual_seed(0)
-    encoder = BertStyleEncoder(EncoderConfig()).eval()
-    tables = [m for m in encoder.modules() if isinstance(m, nn.Embedding)]
-    assert tables == [encoder.tok_emb, encoder.pos_emb]  # no position layer inside the blocks
-    idx = torch.randint(1, 32, (1, 10))
-    changed = idx.clone()
-    changed[0, 9] = idx[0, 9] % 31 + 1
-    assert not torch.allclose(encoder.encode(idx)[:, 0], encoder.encode(changed)[:, 0])
-
-
-def test_encoder_ignores_padding():
-    """A padded sequence encodes its real tokens exactly as the unpadded one does."""
-    torch.manual_seed(0)
-    encoder = BertStyleEncoder(EncoderConfig()).eval()
-    idx = torch.randint(1, 32, (1, 6))
-    padded = torch.cat([idx, torch.zeros(1, 4, dtype=torch.long)], dim=1)
-    torch.testing.assert_close(encoder.encode(padded)[:, :6], encoder.encode(idx))
-
-
-def train(model, batch, steps: int, lr: float = 3e-3) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        _, loss = model(*batch())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def test_bert_style_encoder_learns_to_fill_in_masked_tokens():
-    torch.manual_seed(0)
-    encoder = BertStyleEncoder(EncoderConfig(block_size=16))
-
-    def batch():  # counting sequences: a masked token follows from its neighbours
-        x = (torch.randint(0, 30, (64, 1)) + torch.arange(16)) % 30 + 2  # ids 2..31
-        return mask_tokens(x, mask_id=1, vocab_size=32)
-
-    losses = train(encoder, batch, 40)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
-
-
-def test_seq2seq_learns_to_reverse_and_decodes_greedily():
-    torch.manual_seed(0)
-    model = Seq2Seq(EncoderConfig(block_size=16))
-
-    def batch():
-        src = torch.randint(3, 32, (64, 8))
-        target = src.flip(1)
-        start = torch.ones(64, 1, dtype=torch.long)
-        return src, torch.cat([start, target[:, :-1]], dim=1), target
-
-    losses = train(model, batch, 60)
-    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    out = model.eval().generate(torch.randint(3, 32, (2, 8)), 8, start_id=1)
-    assert out.shape == (2, 9) and (out[:, 0] == 1).all()
-
-
-def test_seq2seq_decoder_is_causal_and_reads_the_source():
-    torch.manual_seed(0)
-    model = Seq2Seq(EncoderConfig()).eval()
-    src, tgt = torch.randint(1, 32, (2, 1, 7))
-    logits = model(src, tgt)[0]
-    changed_tgt = tgt.clone()
-    changed_tgt[0, 4] = tgt[0, 4] % 31 + 1
-    torch.testing.assert_close(model(src, changed_tgt)[0][:, :4], logits[:, :4])
-    changed_src = src.clone()
-    changed_src[0, 6] = src[0, 6] % 31 + 1
-    assert not torch.allclose(model(changed_src, tgt)[0][:, 0], logits[:, 0])
 
 
 def test_cpu_gelu_equals_torch_tanh_gelu_in_value_and_gradient():

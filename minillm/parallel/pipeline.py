@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minillm.errors import InputError, require_positive, unknown_name
-from minillm.model import GPT, IGNORE_INDEX, GPTConfig, rotary_cos_sin
+from minillm.model import GPT, IGNORE_INDEX, GPTConfig
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -72,44 +72,34 @@ def bubble_fraction(stages: int, micro_batches: int) -> float:
 
 
 class PipelineStage(nn.Module):
-    """One stage's share of a GPT, with the GPT's parameter names (`blocks.5.ln_1.weight` stays
-    `blocks.5...` on whichever stage holds block 5), so gradients compare name by name."""
+    """One stage's share of a GPT: a copy of the GPT with the other stages' parts absent
+    (`GPT.part`), run by the GPT's own `embed`, `run_blocks` and `head`. The part `self.gpt` keeps
+    the GPT's parameter names (block 5 is `blocks.5` on whichever stage holds it), so gradients
+    compare name by name."""
 
     def __init__(self, model: GPT, stage: int, stages: int):
         super().__init__()
         self.config, self.stage, self.stages = model.config, stage, stages
         self.first, self.last = stage == 0, stage == stages - 1
         layers = split_layers(model.config.n_layer, stages)[stage]
-        if self.first:
-            self.tok_emb = copy.deepcopy(model.tok_emb)
-            if model.config.positions == "learned":
-                self.pos_emb = copy.deepcopy(model.pos_emb)
-        self.blocks = nn.ModuleDict({str(i): copy.deepcopy(model.blocks[i]) for i in layers})
-        if self.last:
-            self.ln_f = copy.deepcopy(model.ln_f)
-            self.lm_head = copy.deepcopy(model.lm_head)  # a copy of the tied matrix, on its own
-            if self.first and model.config.tie_weights:
-                self.lm_head.weight = self.tok_emb.weight  # one stage: keep the tie
+        part = model.part(layers, tokens=self.first, positions=self.first, head=self.last)
+        # A copy of its own: on one stage the tie stays (deepcopy copies a shared tensor once);
+        # on several, the last stage's head gets its own copy of the tied matrix.
+        self.gpt = copy.deepcopy(part)
 
     def forward(self, x: Tensor) -> Tensor:
         """Stage 0 reads token ids `(b, T)`, the others the previous stage's `(b, T, C)`; the last
         returns logits `(b, T, V)`, the others `(b, T, C)`."""
-        c, T = self.config, x.shape[1]
-        positions = torch.arange(T, device=x.device)
         if self.first:
-            x = self.tok_emb(x)
-            if c.positions == "learned":
-                x = x + self.pos_emb(positions)
-        rotary = rotary_cos_sin(positions, c.head_dim) if c.positions == "rotary" else None
-        for block in self.blocks.values():
-            x = block(x, is_causal=True, rotary=rotary)
-        return self.lm_head(self.ln_f(x)) if self.last else x
+            x = self.gpt.embed(x)
+        x = self.gpt.run_blocks(x)
+        return self.gpt.head(x) if self.last else x
 
     def tied_weight(self) -> Tensor | None:
         """This stage's copy of the embedding matrix that the LM head shares, if it has one."""
         if not self.config.tie_weights or self.first == self.last:
             return None
-        return self.tok_emb.weight if self.first else self.lm_head.weight
+        return self.gpt.tok_emb.weight if self.first else self.gpt.lm_head.weight
 
 
 class _ActivationMeter:
@@ -231,7 +221,7 @@ def run_step(
         names = {"lm_head.weight": "tok_emb.weight"} if c.tie_weights else {}
         step["grad_diff"] = max(
             (p.grad - ref_grads[names.get(n, n)]).abs().max().item()
-            for n, p in stage.named_parameters()
+            for n, p in stage.gpt.named_parameters()
         )
         step["loss"], step["loss_diff"] = loss.item(), abs(loss.item() - ref_loss.item())
         print(
