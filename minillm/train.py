@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from minillm import checkpoint, data
 from minillm.config import to_dict
@@ -27,7 +28,6 @@ from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 from minillm.train_config import DataConfig, TrainConfig
-from minillm.utils import progress_bar
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -144,7 +144,7 @@ class Trainer:
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
         evaluation = {}
-        bar = progress_bar(
+        bar = tqdm(
             total=c.max_iters,
             initial=self.step,
             desc="training",
