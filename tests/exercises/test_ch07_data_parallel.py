@@ -1,109 +1,19 @@
 """Graded tests for chapter 07 (data parallelism): `minillm grade ch07`.
 
-The functions that communicate run in real processes: `launch` starts them and calls the runners
-below, which import the implementation being graded by its package name (exercises or solutions).
-References: a simulation of which ranks' contributions each chunk holds, torch's `dist.all_reduce`,
-hand values, and one process on the global batch. Sums of small integers in float64 are exact, so
+The functions that communicate run in real processes: `launch` starts them inside the sandboxed
+worker (tests/exercises/in_worker.py), and this process checks what they return. References: a
+simulation of which ranks' contributions each chunk holds, the sum of the ranks' inputs, hand
+values, and one process on the global batch. Sums of small integers in float64 are exact, so
 those comparisons are exact; trained weights are compared in float64 with atol 1e-12.
 """
 
-import importlib
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from minillm.parallel.launch import launch
+from tests.exercises import in_worker
 
 F64 = {"atol": 1e-12, "rtol": 0.0}
-
-
-@pytest.fixture
-def package(request):
-    return request.config.getoption("--impl")
-
-
-def _load(package):
-    return importlib.import_module(f"{package}.ch07_data_parallel")
-
-
-# -- runners: module-level, so that spawned processes can import them -------------------------
-
-
-def _run_ring(rank, world_size, package, lengths):
-    ex = _load(package)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ring_all_reduce must be built from isend/irecv, not dist.all_reduce")
-
-    expected = []
-    for n in lengths:
-        x = torch.arange(n, dtype=torch.float64) * 10**rank + rank
-        reference = x.clone()
-        dist.all_reduce(reference)
-        expected.append(reference)
-    dist.all_reduce, real = refuse, dist.all_reduce
-    try:
-        got = [
-            ex.ring_all_reduce(torch.arange(n, dtype=torch.float64) * 10**rank + rank)
-            for n in lengths
-        ]
-    finally:
-        dist.all_reduce = real
-    return [torch.equal(g, e) for g, e in zip(got, expected, strict=True)]
-
-
-def _run_average(rank, world_size, package):
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2, dtype=torch.float64)
-    model.weight.grad = torch.full_like(model.weight, rank + 1.0)  # rank 0: 1.0, rank 1: 2.0
-    model.bias.grad = torch.tensor([rank * 4.0, -2.0], dtype=torch.float64)
-    _load(package).average_gradients(model)
-    return model.weight.grad.tolist(), model.bias.grad.tolist()
-
-
-def _batches(rank, k):
-    g = torch.Generator().manual_seed(100 + rank)
-    return [(torch.randn(4, 3, generator=g, dtype=torch.float64),) * 2 for _ in range(k)]
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def _run_accumulate(rank, world_size, package, k):
-    model = _net()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    calls = [0]
-    real = dist.all_reduce
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    dist.all_reduce = counted
-    try:
-        for _ in range(2):  # two optimizer steps
-            _load(package).accumulate_and_step(
-                model, optimizer, _batches(rank, k), nn.functional.mse_loss
-            )
-    finally:
-        dist.all_reduce = real
-    # One process, every rank's micro-batches at once (the same data on every rank).
-    single = _net()
-    single_opt = torch.optim.SGD(single.parameters(), lr=0.1)
-    everything = torch.cat([x for r in range(world_size) for x, _ in _batches(r, k)])
-    for _ in range(2):
-        nn.functional.mse_loss(single(everything), everything).backward()
-        single_opt.step()
-        single_opt.zero_grad()
-    gaps = [
-        (a - b).abs().max().item()
-        for a, b in zip(model.parameters(), single.parameters(), strict=True)
-    ]
-    return max(gaps), calls[0]
 
 
 # -- pure functions ---------------------------------------------------------------------------
@@ -172,33 +82,60 @@ def test_make_buckets(impl):
 
 @pytest.mark.points(3)
 @pytest.mark.multiprocess
-def test_ring_all_reduce(package):
+def test_ring_all_reduce(impl):
     """Three processes, lengths that 3 does not divide (7), smaller than 3 (2: an empty chunk)
-    and divisible (12), against torch's all-reduce, exactly. Catches wrong chunk indices, adding
-    during the all-gather (chunks counted twice), chunks cut as copies (the result never written
-    back) and calling dist.all_reduce itself."""
-    for rank, equal in enumerate(launch(_run_ring, 3, package, [7, 2, 12], echo=False)):
-        assert all(equal), f"rank {rank}: lengths 7, 2, 12 equal to dist.all_reduce: {equal}"
+    and divisible (12), against the sum of the three ranks' inputs, exactly. Catches wrong chunk
+    indices, adding during the all-gather (chunks counted twice), chunks cut as copies (the
+    result never written back) and calling dist.all_reduce itself."""
+    ex = impl("ch07_data_parallel")
+    lengths = [7, 2, 12]
+    ranks = ex.run_helper(in_worker.ring_all_reduce_on_ranks, 3, lengths)
+    assert len(ranks) == 3
+    for rank, (results, all_reduce_calls) in enumerate(ranks):
+        assert all_reduce_calls == 0, (
+            "ring_all_reduce must be built from isend/irecv, not dist.all_reduce"
+        )
+        for n, got in zip(lengths, results, strict=True):
+            expected = sum(in_worker.ring_input(r, n) for r in range(3))
+            assert isinstance(got, torch.Tensor) and torch.equal(got, expected), (
+                f"rank {rank}, length {n}: {got} instead of the sum {expected}"
+            )
 
 
 @pytest.mark.points(2)
 @pytest.mark.multiprocess
-def test_average_gradients(package):
+def test_average_gradients(impl):
     """Two processes with different gradients. Catches forgetting to divide by the world size
     (the sum, 3.0 instead of 1.5) and averaging twice (0.75)."""
-    for weight, bias in launch(_run_average, 2, package, echo=False):
-        assert weight == [[1.5] * 3] * 2
-        assert bias == [2.0, -2.0]
+    ex = impl("ch07_data_parallel")
+    for weight, bias in ex.run_helper(in_worker.average_gradients_on_ranks, 2):
+        assert weight.tolist() == [[1.5] * 3] * 2
+        assert bias.tolist() == [2.0, -2.0]
 
 
 @pytest.mark.points(3)
 @pytest.mark.multiprocess
-def test_accumulate_and_step(package):
+def test_accumulate_and_step(impl):
     """Two processes, three micro-batches each, two steps: the weights must equal one process
     training on all 24 rows (atol 1e-12), with at most one all-reduce per parameter per step.
     Catches syncing during accumulation (3x the messages), not dividing the loss by the number of
     micro-batches, and forgetting the average over ranks."""
-    n_params = len(list(_net().parameters()))
-    for gap, calls in launch(_run_accumulate, 2, package, 3, echo=False):
+    ex = impl("ch07_data_parallel")
+    world, k, steps = 2, 3, 2
+    # One process, every rank's micro-batches at once (the same data on every rank).
+    single = in_worker.small_net()
+    single_opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    everything = torch.cat([x for r in range(world) for x, _ in in_worker.batches(r, k)])
+    for _ in range(steps):
+        nn.functional.mse_loss(single(everything), everything).backward()
+        single_opt.step()
+        single_opt.zero_grad()
+    n_params = len(list(single.parameters()))
+    for params, calls in ex.run_helper(in_worker.accumulate_and_step_on_ranks, world, k, steps):
+        assert len(params) == n_params
+        gap = max(
+            (a - b.detach()).abs().max().item()
+            for a, b in zip(params, single.parameters(), strict=True)
+        )
         assert gap < F64["atol"], f"weights differ from one process by {gap:.3g}"
-        assert 1 <= calls <= 2 * n_params, f"{calls} all-reduces in 2 steps of 3 micro-batches"
+        assert 1 <= calls <= steps * n_params, f"{calls} all-reduces in 2 steps of 3 micro-batches"

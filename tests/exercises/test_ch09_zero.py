@@ -1,40 +1,17 @@
 """Graded tests for chapter 09 (ZeRO and DeepSpeed): `minillm grade ch09`.
 
-The ZeRO-1 step runs in two real processes: `launch` starts them and calls the runner below,
-which imports the implementation being graded by its package name (exercises or solutions).
+The ZeRO-1 step runs in two real processes: `launch` starts them inside the sandboxed worker
+(tests/exercises/in_worker.py), and this process checks what they return.
 References: hand-counted bytes (the ZeRO paper's 2 + 2 + 12 layout), torch.optim.AdamW on the
 averaged gradient in float64 (atol 1e-12), and DeepSpeed's own config parser.
 """
-
-import importlib
 
 import pytest
 import torch
 
 from minillm.engines import ds_config
-from minillm.parallel.launch import launch
-from minillm.train_config import TrainConfig
-
-
-@pytest.fixture
-def package(request):
-    return request.config.getoption("--impl")
-
-
-def _run_zero1(rank, world_size, package, n, steps):
-    ex = importlib.import_module(f"{package}.ch09_zero")
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(n, generator=g, dtype=torch.float64)
-    grads = [torch.randn(world_size, n, generator=g, dtype=torch.float64) for _ in range(steps)]
-    param, state = start.clone(), {}
-    reference = torch.nn.Parameter(start.clone())
-    optimizer = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.1, foreach=False)
-    for step_grads in grads:
-        ex.zero1_adamw_step(param, step_grads[rank].clone(), state, lr=0.1, weight_decay=0.1)
-        reference.grad = step_grads.mean(0)
-        optimizer.step()
-    sizes = {k: v.numel() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return (param - reference.detach()).abs().max().item(), sizes
+from minillm.train_config import OptimConfig, TrainConfig
+from tests.exercises import in_worker
 
 
 @pytest.mark.points(2)
@@ -84,14 +61,23 @@ def test_max_params(impl):
 
 @pytest.mark.points(4)
 @pytest.mark.multiprocess
-def test_zero1_adamw_step(package):
+def test_zero1_adamw_step(impl):
     """Two processes, 3 steps on a vector of 7 values (padded to 8): catches a summed instead of
     averaged gradient, a missing all-gather (each rank keeps only its own update), a slice
     without padding, bias correction or decoupled weight decay done differently from AdamW, and
     optimizer states kept for the whole vector instead of the rank's slice."""
-    results = launch(_run_zero1, 2, package, 7, 3, echo=False)
-    for gap, sizes in results:
-        assert gap < 1e-12
+    ex = impl("ch09_zero")
+    world, n, steps = 2, 7, 3
+    start, grads = in_worker.zero1_problem(world, n, steps)
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.1, foreach=False)
+    for step_grads in grads:
+        reference.grad = step_grads.mean(0)
+        optimizer.step()
+    for param, sizes in ex.run_helper(in_worker.zero1_on_ranks, world, n, steps):
+        assert param.shape == (n,)
+        gap = (param - reference.detach()).abs().max().item()
+        assert gap < 1e-12, f"parameters differ from AdamW on the averaged gradient by {gap:.3g}"
         assert sizes == {"exp_avg": 4, "exp_avg_sq": 4}
 
 
@@ -110,7 +96,12 @@ def test_deepspeed_config(impl):
         )
         assert config["gradient_clipping"] == 0.5
         assert config["bf16"]["enabled"] is True and not config.get("fp16", {}).get("enabled")
-        train = TrainConfig(batch_size=micro, grad_accum=accum, precision="bf16")
+        train = TrainConfig(
+            batch_size=micro,
+            grad_accum=accum,
+            precision="bf16",
+            optim=OptimConfig(learning_rate=3e-4, weight_decay=0.1, grad_clip=0.5),
+        )
         checked = ds_config.prepare_config(config, train, world, "cpu")  # refuses unknown keys
         assert checked["train_batch_size"] == micro * accum * world
         assert checked["zero_optimization"]["stage"] == stage

@@ -14,6 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from minillm.model import GPT, GPTConfig
+from tests.exercises import in_worker
 
 
 class _OneLayer(nn.Module):
@@ -141,12 +142,19 @@ def test_dpo_loss_is_finite_for_large_margins(impl):
     (log-sigmoid computed directly stays exact), and its gradient vanishing at large margins."""
     ex = impl("ch10_finetuning")
     policy_chosen = torch.tensor([-400.0], requires_grad=True)
-    loss = ex.dpo_loss(
-        policy_chosen, torch.tensor([-100.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5
+    # The backward pass runs where the student's graph lives: in the worker.
+    loss, (grad,) = ex.run_helper(
+        in_worker.call_and_backward,
+        "dpo_loss",
+        policy_chosen,
+        torch.tensor([-100.0]),
+        torch.tensor([0.0]),
+        torch.tensor([0.0]),
+        0.5,
     )
     assert math.isfinite(loss.item()) and loss.item() == pytest.approx(150.0, rel=1e-6)
-    loss.backward()
-    assert policy_chosen.grad.item() == pytest.approx(-0.5, rel=1e-6)  # -beta: the sigmoid is 1
+    assert grad is not None, "no gradient reached policy_chosen_logps"
+    assert grad.item() == pytest.approx(-0.5, rel=1e-6)  # -beta: the sigmoid is 1
     small = ex.dpo_loss(
         torch.tensor([0.0]), torch.tensor([-200.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0
     )

@@ -1,0 +1,274 @@
+"""Operating-system isolation for the grader's untrusted worker processes (Linux).
+
+- `restrict_filesystem`: Landlock (via ctypes), so a worker reads only the trees it needs, writes
+  only its own folder, and (Landlock ABI 6+) cannot signal or reach abstract sockets of processes
+  outside its sandbox, such as the grader.
+- `drop_privileges`: a worker started as root loses every capability (it keeps uid 0 where the
+  Python installation is readable only by root, so Landlock is what confines it) or, without
+  Landlock, becomes `nobody`.
+- `limit_resources`: memory (address space), processes, file size, no core files.
+- `become_subreaper`, `descendants` and `kill_all`: every process a worker starts, even one that
+  double-forks or calls setsid(), stays below the grader's subreaper and is SIGKILLed there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+# SECBIT_NOROOT, SECBIT_NO_SETUID_FIXUP, SECBIT_KEEP_CAPS and SECBIT_NO_CAP_AMBIENT_RAISE, each
+# with its _LOCKED bit: exec never hands a uid-0 process its capabilities back.
+_SECUREBITS_ALL_LOCKED = 0xFF
+
+# <linux/landlock.h>; the syscall numbers are the same on every architecture.
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_ALL_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+_FILE_ONLY = EXECUTE | WRITE_FILE | READ_FILE | (1 << 14) | (1 << 15)  # + TRUNCATE, IOCTL_DEV
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+READ = EXECUTE | READ_FILE | READ_DIR
+ALL_RIGHTS = (1 << 16) - 1  # masked down to what the kernel handles
+
+
+class IsolationError(OSError):
+    """The kernel refused a sandboxing step."""
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise IsolationError(errno, f"{what}: {os.strerror(errno)}")
+    return result
+
+
+def _prctl(option: int, arg: int = 0, what: str = "prctl") -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), what)
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 where Landlock is missing or disabled."""
+    version = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    return max(int(version), 0)
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def restrict_filesystem(rules: dict[str, int]) -> int:
+    """Confine this process (and everything it starts) to `rules`: path -> the rights it gets
+    beneath that path (READ, or READ | write rights). Returns the ABI used; 0 means Landlock is
+    unavailable and nothing was restricted."""
+    abi = landlock_abi()
+    if abi == 0:
+        return 0
+    handled = _ALL_FS_BY_ABI[max(k for k in _ALL_FS_BY_ABI if k <= abi)]
+    attr = _RulesetAttr(handled, 0, _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if abi >= 6 else 0)
+    size = ctypes.sizeof(attr) if abi >= 6 else 8  # older kernels know only the first field
+    ruleset = _check(
+        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0), "landlock ruleset"
+    )
+    try:
+        for path, access in rules.items():
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # a tree that does not exist here needs no rule
+            try:
+                allowed = access & handled
+                if not os.path.isdir(path):
+                    allowed &= _FILE_ONLY
+                rule = _PathBeneathAttr(allowed, fd)
+                _check(
+                    _libc.syscall(
+                        _SYS_LANDLOCK_ADD_RULE,
+                        ruleset,
+                        _LANDLOCK_RULE_PATH_BENEATH,
+                        ctypes.byref(rule),
+                        0,
+                    ),
+                    f"landlock rule for {path}",
+                )
+            finally:
+                os.close(fd)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1, "no_new_privs")
+        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_capabilities() -> None:
+    """Give up every capability for good: bounding set, ambient, effective and permitted."""
+    _prctl(PR_SET_SECUREBITS, _SECUREBITS_ALL_LOCKED, "securebits")
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        _prctl(PR_CAPBSET_DROP, cap, "drop bounding capability")
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def become_nobody(uid: int = 65534, gid: int = 65534) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def tasks_of_uid(uid: int) -> int:
+    """How many tasks (threads count) the uid runs now: RLIMIT_NPROC counts them all."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = Path(entry.path, "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            count += int(fields.get("Threads", "1"))
+    return count
+
+
+def address_space_bytes() -> int:
+    """This process's mapped address space (VmSize)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise IsolationError(0, "no VmSize in /proc/self/status")
+
+
+def limit_resources(memory_bytes: int, extra_tasks: int, file_bytes: int, uid: int) -> None:
+    """Address space, tasks of this uid, size of any file written, and no core dumps."""
+    for which, value in (
+        (resource.RLIMIT_AS, memory_bytes),
+        (resource.RLIMIT_NPROC, tasks_of_uid(uid) + extra_tasks),
+        (resource.RLIMIT_FSIZE, file_bytes),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        resource.setrlimit(which, (value, value))
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to this process instead of init, so they can still
+    be found (and killed) below it."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "child subreaper")
+
+
+def protect_from_tracing() -> None:
+    """Not dumpable: a process of the same uid cannot ptrace this one or read its memory."""
+    _prctl(PR_SET_DUMPABLE, 0, "dumpable")
+
+
+def die_with_parent() -> None:
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "parent death signal")
+
+
+def children(pid: int) -> frozenset[int]:
+    return frozenset(child for child, parent in _parents().items() if parent == pid)
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every living (non-zombie) process."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+        if fields[0] not in ("Z", "X"):
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(root: int, spare: frozenset[int] = frozenset()) -> set[int]:
+    """Living processes below `root` (never `root` itself, nor this process), leaving out the
+    processes in `spare` and all below them."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in _parents().items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child not in spare:
+                found.add(child)
+                todo.append(child)
+    found.discard(os.getpid())
+    return found
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # pins this process, so a recycled pid is never hit
+    except OSError:
+        return
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def kill_all(find: Callable[[], set[int]], timeout_s: float = 10.0) -> int:
+    """SIGKILL the processes `find()` names, again and again until it names none (a process may
+    fork while the sweep runs). Returns how many were killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = find()
+        if not alive:
+            break
+        for pid in alive:
+            _sigkill(pid)
+        killed |= alive
+        time.sleep(0.005)
+    return len(killed)
