@@ -1,10 +1,13 @@
 """Pipeline parallelism: schedules checked without processes, then GPipe and 1F1B run for real on
-2 and 4 stages, with losses and gradients equal to the single-process GPT."""
+2 and 4 stages, with losses and gradients equal to the single-process GPT; DeepSpeed's pipeline
+layers compose to the GPT (the DeepSpeed runs themselves are in tests/test_ds.py)."""
 
 import pytest
 import torch
 
+from minillm.engines.pipeline import PipeBlock, pipeline_layers
 from minillm.errors import InputError
+from minillm.model import GPT, GPTConfig
 from minillm.parallel.launch import launch
 from minillm.parallel.layout import Layout
 from minillm.parallel.pipeline import bubble_fraction, run_step, schedule, split_layers
@@ -102,3 +105,32 @@ def test_four_stages_with_rotary_positions_and_an_uneven_split():
     _check_equal(results)
     assert [r["1f1b"]["peak_micro_batches"] for r in results] == [4, 3, 2, 1]
     assert [r["gpipe"]["peak_micro_batches"] for r in results] == [8] * 4
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_deepspeed_pipeline_layers_compute_the_gpt_and_hold_its_parameters(positions, tie_weights):
+    """Built and run one after another in one process, as the stages run them in turn."""
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=40,
+        block_size=12,
+        n_layer=3,
+        n_head=4,
+        n_embd=32,
+        dropout=0.0,
+        positions=positions,
+        tie_weights=tie_weights,
+    )
+    gpt = GPT(config).double().eval()
+    idx = torch.randint(0, 40, (2, 12))
+    x, held = idx, {}
+    specs = pipeline_layers(gpt)
+    for spec in specs:
+        layer = spec.build()
+        forward_fn = getattr(spec, "forward_fn", None)
+        x = forward_fn(layer, x) if forward_fn is not None else layer(x)
+        held |= {id(p): p for p in layer.parameters()}
+    torch.testing.assert_close(x, gpt(idx)[0], rtol=0, atol=0)
+    assert held.keys() == {id(p) for p in gpt.parameters()}  # the GPT's own tensors, all of them
+    assert [spec.typename for spec in specs].count(PipeBlock) == 3

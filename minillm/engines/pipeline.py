@@ -12,11 +12,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.engines.deepspeed import DeepSpeedTrainEngine
-from minillm.model import GPT, GPTConfig, lm_loss, rotary_cos_sin
+from minillm.model import GPT, lm_loss
+
+# The GPT's forward pass as DeepSpeed pipeline layers, one tensor in and one out each. Every
+# layer holds a part of the GPT (`GPT.part`: the model with the other parts absent, sharing the
+# GPT's modules) and runs it with the GPT's own method, so no layer re-implements the forward.
 
 
-class PipeLayer(nn.Module):
-    """A GPT module used as a pipeline layer as it is (token embedding, final LayerNorm, head)."""
+class PipeTokens(nn.Module):
+    """Token ids `(b, T)` -> token vectors `(b, T, C)`: the GPT's `embed_tokens`."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt.part(tokens=True)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt.embed_tokens(idx)
+
+
+class PipePositions(nn.Module):
+    """The GPT's `add_positions`: learned position vectors (none with rotary positions), then
+    dropout. A layer of its own: the token embedding is tied to the head on the last stage,
+    where position vectors would be dead weight."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt.part(positions=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gpt.add_positions(x)
+
+
+class PipeBlock(nn.Module):
+    """Block `layer` of the GPT, run by the GPT's `run_blocks` (rotary tables included). The
+    class name is what `partition: "type:PipeBlock"` and activation checkpointing select."""
+
+    def __init__(self, gpt: GPT, layer: int):
+        super().__init__()
+        self.gpt = gpt.part([layer])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gpt.run_blocks(x)
+
+
+class PipeModule(nn.Module):
+    """A GPT module used as a pipeline layer as it is (the final LayerNorm, an untied head)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -26,63 +66,32 @@ class PipeLayer(nn.Module):
         return self.module(x)
 
 
-class PipePositions(nn.Module):
-    """Adds the GPT's learned position embeddings (none with rotary positions) and dropout to
-    the token embeddings `(b, T, C)`."""
-
-    def __init__(self, gpt: GPT):
-        super().__init__()
-        self.pos_emb, self.drop = getattr(gpt, "pos_emb", None), gpt.drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(x.shape[1], device=x.device))
-        return self.drop(x)
-
-
-def tied_logits(embedding: PipeLayer, x: torch.Tensor) -> torch.Tensor:
-    """The tied LM head: `(b, T, C)` -> logits `(b, T, V)` with the token embedding matrix."""
-    return F.linear(x, embedding.module.weight)
-
-
-class PipeBlock(nn.Module):
-    """One GPT block as a pipeline layer: a single tensor in, a single tensor out."""
-
-    def __init__(self, block: nn.Module, config: GPTConfig):
-        super().__init__()
-        self.block, self.rotary = block, config.positions == "rotary"
-        self.head_dim = config.head_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
-        rotary = rotary_cos_sin(positions, self.head_dim) if self.rotary else None
-        return self.block(x, is_causal=True, rotary=rotary)
+def tied_logits(tokens: PipeTokens, x: torch.Tensor) -> torch.Tensor:
+    """The tied LM head on the last stage, whose copy of the embedding is a `PipeTokens`:
+    `(b, T, C)` -> logits `(b, T, V)`, what `lm_head` computes with the tied matrix."""
+    return F.linear(x, tokens.gpt.tok_emb.weight)
 
 
 def pipeline_layers(gpt: GPT) -> list:
     """The GPT as DeepSpeed layer specs: token embedding, positions, blocks, final LayerNorm,
-    head. Each layer wraps the GPT's own module, so a stage trains the GPT's parameters (same
-    names, same initial values as the single-process model); DeepSpeed builds only the layers of
-    this rank's stage."""
+    head. Each layer holds the GPT's own modules, so a stage trains the GPT's parameters (same
+    initial values as the single-process model); DeepSpeed builds only the layers of this rank's
+    stage."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if gpt.config.tie_weights:
         # The token embedding is one module on both end stages: it reads tokens in on the
         # first and scores them out on the last. DeepSpeed adds the two copies' gradients.
-        embedding = TiedLayerSpec(
-            "embedding", PipeLayer, gpt.tok_emb, tied_weight_attr=["module.weight"]
-        )
+        tied = ["gpt.tok_emb.weight"]
+        tokens = TiedLayerSpec("embedding", PipeTokens, gpt, tied_weight_attr=tied)
         head = TiedLayerSpec(
-            "embedding",
-            PipeLayer,
-            gpt.tok_emb,
-            forward_fn=tied_logits,
-            tied_weight_attr=["module.weight"],
+            "embedding", PipeTokens, gpt, forward_fn=tied_logits, tied_weight_attr=tied
         )
     else:
-        embedding, head = LayerSpec(PipeLayer, gpt.tok_emb), LayerSpec(PipeLayer, gpt.lm_head)
-    blocks = [LayerSpec(PipeBlock, block, gpt.config) for block in gpt.blocks]
-    return [embedding, LayerSpec(PipePositions, gpt), *blocks, LayerSpec(PipeLayer, gpt.ln_f), head]
+        tokens, head = LayerSpec(PipeTokens, gpt), LayerSpec(PipeModule, gpt.lm_head)
+    blocks = [LayerSpec(PipeBlock, gpt, i) for i in range(gpt.config.n_layer)]
+    positions, ln_f = LayerSpec(PipePositions, gpt), LayerSpec(PipeModule, gpt.ln_f)
+    return [tokens, positions, *blocks, ln_f, head]
 
 
 class PipelineTrainEngine(DeepSpeedTrainEngine):
