@@ -225,18 +225,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over `eval_iters` batches of each split. The batches come from a generator
-        seeded the same way every time, so evaluations compare like with like and never disturb
-        the training batches."""
+        """Mean loss over `eval_iters` global batches of each split, the rows the training
+        batches have (batch_size per data-parallel rank), each rank evaluating its own: every
+        engine evaluates the same sequences for the same config. The batches come from a
+        generator seeded the same way every time, so evaluations compare like with like and
+        never disturb the training batches."""
         self.model.eval()
-        c = self.config
+        c, engine = self.config, self.engine
         result = {}
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
             sampler = data.TokenBatchSampler(
-                tokens, c.model.block_size, c.batch_size, seed=c.seed + 1, device=self.device
+                tokens,
+                c.model.block_size,
+                c.batch_size * engine.world_size,
+                seed=c.seed + 1,
+                device=self.device,
             )
-            losses = [self.engine.forward(*next(sampler)).item() for _ in range(c.eval_iters)]
-            result[split] = sum(losses) / len(losses)
+            total = sum(
+                engine.forward(*engine.shard(*next(sampler))).item() for _ in range(c.eval_iters)
+            )
+            result[split] = engine.mean(total / c.eval_iters)
         self.model.train()
         return result
 

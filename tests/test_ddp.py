@@ -104,3 +104,78 @@ def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path)
     Trainer(single, progress=False).fit()
     expected = [row["loss"] for row in read_metrics(single.out_dir)[0]]
     assert losses == pytest.approx(expected, abs=1e-5)
+
+
+class MixedModel(nn.Module):
+    """float64 and float32 layers, an embedding tied to the output layer, and a trainable
+    parameter the forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, dtype=torch.float64)
+        self.a = nn.Linear(6, 8, dtype=torch.float64)
+        self.b = nn.Linear(8, 6)  # float32
+        self.unused = nn.Parameter(torch.ones(3, 3))
+
+    def forward(self, idx, targets):
+        h = torch.tanh(self.a(self.emb(idx)))
+        logits = nn.functional.linear(self.b(h.float()).double(), self.emb.weight)  # tied
+        return nn.functional.cross_entropy(logits, targets)
+
+
+def test_buckets_hold_one_dtype_each():
+    params = [nn.Parameter(torch.zeros(4, dtype=d)) for d in (torch.float32, torch.float64) * 3]
+    buckets = make_buckets(params, cap_bytes=1e9)
+    assert [[p.dtype for p in b] for b in buckets] == [[torch.float64] * 3, [torch.float32] * 3]
+
+
+def mixed_worker(rank: int, world_size: int, mode: str, steps: int) -> dict:
+    """`mode` on 2 ranks against one process on the global batch: the largest gradient and
+    weight differences per dtype, and what became of the unused parameter."""
+    import copy
+
+    torch.manual_seed(0)
+    base = MixedModel()
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(steps)
+    ]
+    single, ours = copy.deepcopy(base), copy.deepcopy(base)
+    wrapped = DataParallel(ours, mode, bucket_cap_mb=100 / 2**20)  # 100-byte buckets: several
+    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2, weight_decay=0.5)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.5)
+    grad_diff = 0.0
+    for x, y in batches:
+        single(x, y).backward()
+        wrapped(shard_batch(x, rank, world_size), shard_batch(y, rank, world_size)).backward()
+        wrapped.sync_gradients()
+        unused_grad = ours.unused.grad
+        for p, q in zip(single.parameters(), ours.parameters(), strict=True):
+            if p.grad is not None:
+                assert q.grad.dtype == p.dtype
+                grad_diff = max(grad_diff, (p.grad - q.grad).abs().max().item())
+        for optimizer in (opt_single, opt_ours):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {
+        "buckets": len(wrapped.buckets),
+        "grad_diff": grad_diff,
+        "weight_diff": max(
+            (p - q).abs().max().item()
+            for p, q in zip(single.parameters(), ours.parameters(), strict=True)
+        ),
+        "unused_grad": unused_grad,
+        "unused": ours.unused.detach().clone(),
+    }
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ddp.MODES)
+def test_mixed_dtypes_tied_and_unused_parameters_train_as_one_process(mode):
+    for report in launch(mixed_worker, 2, mode, 3, echo=False):
+        assert report["buckets"] >= 3
+        # The float32 layer rounds at 1e-7; the float64 ones carry it on.
+        assert report["grad_diff"] < 1e-6 and report["weight_diff"] < 1e-6, report
+        assert report["unused_grad"] is None  # as in one process: no gradient, so no decay
+        assert torch.equal(report["unused"], torch.ones(3, 3))

@@ -119,6 +119,10 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)[0]]
 
 
+def _evals(run_dir: Path) -> list[float]:
+    return [loss for r in read_metrics(run_dir)[1] for loss in (r["train_loss"], r["val_loss"])]
+
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     """The single-process Trainer on the same sequences: 2 ranks x 4 = 8 per step; with
@@ -131,7 +135,8 @@ def single_process(tmp_path_factory):
     losses = {}
     for name, extra in runs.items():
         trainer = Trainer(train_config(*extra, f"out_dir={folder / name}"), progress=False)
-        losses[name] = _losses(trainer.fit().run_dir)
+        run_dir = trainer.fit().run_dir
+        losses[name], losses[f"{name} evals"] = _losses(run_dir), _evals(run_dir)
     return losses
 
 
@@ -145,6 +150,8 @@ PARITY = 1e-5
 def test_zero_stages_match_the_single_process_trainer(stage, tmp_path, single_process):
     _launch(tmp_path / "ds", f"zero{stage}.json")
     assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
+    # Evaluated on the same global rows (each rank its half), the evaluations agree too.
+    assert _evals(tmp_path / "ds") == pytest.approx(single_process["plain evals"], abs=PARITY)
 
 
 @pytest.mark.multiprocess
@@ -159,8 +166,15 @@ def test_accumulation_and_clipping_match_the_trainer(tmp_path, single_process):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_cpu_offload_trains_and_matches(tmp_path, single_process):
-    _launch(tmp_path / "ds", "zero2_offload.json")
+def test_cpu_offload_trains_and_matches(tmp_path, single_process, monkeypatch):
+    """Launched by `cli.main(argv)` in this process while `sys.argv` says something else: the
+    ranks run `argv` (before, the launcher re-ran `sys.argv[1:]`)."""
+    from minillm import cli
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "--not-a-minillm-option"])
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    monkeypatch.chdir(REPO)
+    assert cli.main(_command(tmp_path / "ds", "zero2_offload.json")[3:]) == 0
     assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
 
 

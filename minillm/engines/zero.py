@@ -29,12 +29,13 @@ class ZeroEngine:
         o = config.optim
         self.module, self.config, self.device = model, config, device
         self.zero = Zero(
-            model,
+            model.param_groups(o.weight_decay),
             stage,
+            torch.optim.AdamW,
+            module=model,
+            grad_clip=o.grad_clip,
             lr=o.learning_rate,
             betas=(o.beta1, o.beta2),
-            weight_decay=o.weight_decay,
-            grad_clip=o.grad_clip,
         )
         self.rank, self.world_size = self.zero.rank, self.zero.world_size
         self.scheduler = lr_schedule(self.zero.optimizer, config)
@@ -47,7 +48,7 @@ class ZeroEngine:
         return self.module(x, y)[1]
 
     def backward(self, loss: Tensor) -> None:
-        (loss / self.config.grad_accum).backward()
+        self.zero.backward(loss / self.config.grad_accum)
         self._micro += 1
 
     def step(self) -> float | None:
@@ -67,20 +68,46 @@ class ZeroEngine:
     def save_checkpoint(
         self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer
     ) -> Path:
-        """The full weights, gathered from the shards, written by rank 0 (for sampling). The
-        optimizer shards are not saved, so such a run cannot be resumed."""
+        """Rank 0 writes one ordinary checkpoint: the full weights gathered from the shards, and
+        in its state every rank's optimizer slices (sent to rank 0 for the save: simple, and
+        atomic with the rest; a large model would have each rank write its own file)."""
         weights = self.zero.full_state_dict()
+        shards = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(_on_cpu(self.zero.state_dict()), shards, dst=0)
         if self.rank == 0:
+            engine = {"scheduler": self.scheduler.state_dict(), "shards": shards}
             model = rebuild_model(config, weights)
-            checkpoint.save(run_dir, step, model, state, config, keep, tokenizer)
+            checkpoint.save(
+                run_dir, step, model, {**state, "engine": engine}, config, keep, tokenizer
+            )
         dist.barrier()
         return checkpoint.checkpoint_dir(run_dir, step)
 
     def load_checkpoint(self, path: Path) -> dict:
-        raise checkpoint.CheckpointError(
-            f"{path} holds weights only (ZeroEngine does not save optimizer shards); start the "
-            "run over in a fresh out_dir"
-        )
+        """Every rank reads the whole checkpoint and keeps its own slices of it."""
+        state = checkpoint.load_state(path)
+        full = rebuild_model(checkpoint.load_config(path), Path(path))
+        self.zero.load_full_state_dict(full.state_dict())
+        shards = state["engine"]["shards"]
+        if len(shards) != self.world_size:
+            raise checkpoint.CheckpointError(
+                f"{path} was saved by {len(shards)} ZeRO ranks; resume it with {len(shards)} "
+                f"processes, not {self.world_size}"
+            )
+        self.zero.load_state_dict(shards[self.rank])
+        self.scheduler.load_state_dict(state["engine"]["scheduler"])
+        return state
+
+
+def _on_cpu(value):
+    """`value` (nested dicts, lists and tensors) with every tensor moved to the CPU."""
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def train_worker(rank: int, world_size: int, config: TrainConfig, stage: int) -> list[float]:

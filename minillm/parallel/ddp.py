@@ -51,17 +51,19 @@ def shard_batch(batch: Tensor, rank: int, world_size: int) -> Tensor:
 
 def make_buckets(params: list[nn.Parameter], cap_bytes: float) -> list[list[nn.Parameter]]:
     """Group `params` into buckets of at most `cap_bytes` (a larger parameter gets a bucket of
-    its own), last parameter first: backward produces the gradients of the last layers first."""
+    its own), last parameter first: backward produces the gradients of the last layers first.
+    A bucket holds one dtype on one device, since it is reduced as one flat tensor."""
     require_positive(cap_bytes, "bucket cap")
     buckets: list[list[nn.Parameter]] = []
-    size = 0.0
+    open_bucket: dict[tuple, tuple[int, float]] = {}  # (dtype, device) -> (bucket index, bytes)
     for p in reversed(params):
-        nbytes = p.numel() * p.element_size()
-        if not buckets or size + nbytes > cap_bytes:
+        kind, nbytes = (p.dtype, p.device), p.numel() * p.element_size()
+        index, size = open_bucket.get(kind, (-1, 0.0))
+        if index < 0 or size + nbytes > cap_bytes:
             buckets.append([])
-            size = 0.0
-        buckets[-1].append(p)
-        size += nbytes
+            index, size = len(buckets) - 1, 0.0
+        buckets[index].append(p)
+        open_bucket[kind] = (index, size + nbytes)
     return buckets
 
 
@@ -118,9 +120,17 @@ class DataParallel(nn.Module):
             self._start(self.buckets[i])
 
     def _start(self, bucket: list[nn.Parameter]) -> None:
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+        """Start the all-reduce of `bucket`'s gradients, followed in the same message by one
+        count per parameter of the ranks that have its gradient (a missing one counts as zeros
+        there; where no rank has it, it stays None)."""
+        first = bucket[0]
+        has_grad = torch.tensor(
+            [p.grad is not None for p in bucket], dtype=first.dtype, device=first.device
         )
+        grads = [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket
+        ]
+        flat = torch.cat([*grads, has_grad])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.allreduce_calls += 1
         self._in_flight.append((bucket, flat, work))
@@ -140,9 +150,11 @@ class DataParallel(nn.Module):
                 self._start(bucket)
         for bucket, flat, work in self._in_flight:
             work.wait()
-            flat /= self.world_size
-            for p, grad in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
-                p.grad = grad.view_as(p)  # a view of the bucket: no copy back
+            grads, counts = flat[: -len(bucket)], flat[-len(bucket) :].tolist()
+            grads /= self.world_size
+            pieces = grads.split([p.numel() for p in bucket])
+            for p, grad, count in zip(bucket, pieces, counts, strict=True):
+                p.grad = grad.view_as(p) if count > 0 else None  # a view of the bucket: no copy
         self._in_flight.clear()
         self._ready = [0] * len(self.buckets)
 

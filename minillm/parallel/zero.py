@@ -62,18 +62,33 @@ def zero_state_bytes(
     }
 
 
+# Optimizers whose update of one element depends on other elements of the same tensor: run on
+# a slice of a parameter they would compute something else than on the whole parameter.
+_NOT_ELEMENTWISE = tuple(
+    getattr(torch.optim, name)
+    for name in ("LBFGS", "Adafactor", "SparseAdam", "Muon")
+    if hasattr(torch.optim, name)
+)
+
+
 class _Unit:
-    """The parameters of one module flattened into one padded buffer, and this rank's slice."""
+    """Trainable parameters of one module and one dtype and device, flattened into one padded
+    buffer (of that dtype, on that device), and this rank's slice of it."""
 
     def __init__(self, params: list[nn.Parameter], parts: int, rank: int, stage: int):
         self.params = params
         self.numel = sum(p.numel() for p in params)
         self.start, self.end = shard_range(self.numel, rank if parts > 1 else 0, parts)
-        self.flat = torch.zeros(parts * (self.end - self.start))
+        first = params[0]
+        self.flat = torch.zeros(
+            parts * (self.end - self.start), dtype=first.dtype, device=first.device
+        )
+        self.offsets = []
         offset = 0
         for p in params:  # the parameters become views of the flat buffer
             self.flat[offset : offset + p.numel()] = p.detach().reshape(-1)
             p.data = self.flat[offset : offset + p.numel()].view_as(p)
+            self.offsets.append(offset)
             offset += p.numel()
         # Stage 3 keeps its slice in a tensor of its own; the flat buffer is then freed.
         self.shard = self.flat[self.start : self.end]
@@ -81,6 +96,7 @@ class _Unit:
             self.shard = self.shard.clone()
             self.release()
         self.grad: Tensor | None = None  # the full gradient (stages 0-1) or this rank's slice
+        self.reduced = False  # in this backward pass
         self.ready = 0
 
     def gather(self) -> None:
@@ -93,95 +109,175 @@ class _Unit:
         self.flat.untyped_storage().resize_(0)  # the views stay, their memory goes
 
 
-class Zero:
-    """`model` trained data-parallel with AdamW at ZeRO `stage` over the default process group.
+def _param_groups(params) -> list[dict]:
+    """`params` as torch optimizers take them: a module, tensors, or dicts of group options."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    params = list(params)
+    if not params:
+        raise InputError("ZeRO was given no parameters to train")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    return [{**g, "params": list(g["params"])} for g in groups]
 
-    Call `backward` on the loss of this rank's shard of the batch (any number of times to
-    accumulate), then `step()`, which clips to `grad_clip` (0: off) by the global norm and updates
-    the weights; it returns the norm before clipping.
+
+class Zero:
+    """Data-parallel training at ZeRO `stage` over the default process group, with any
+    element-wise `torch.optim` optimizer (`optimizer_class(params, **optimizer_kwargs)`).
+
+    `params` is what a torch optimizer takes (a module's parameters, a list, or parameter groups
+    with their own options); pass the module as `module` (or as `params`) for stage 3, whose
+    weights are gathered around each unit's forward. Parameters that do not require a gradient
+    stay whole on every rank and are neither reduced nor handed to the optimizer. Call
+    `backward(loss)` on the loss of this rank's shard of the batch (any number of times to
+    accumulate), then `step()`, which clips to `grad_clip` (0: off) by the
+    global norm and updates the weights; it returns the norm before clipping. A parameter that
+    received no gradient (unused in the forward, on every rank) keeps `grad None` and is not
+    updated, as in one process.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        params,
         stage: int,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
         *,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
+        module: nn.Module | None = None,
         grad_clip: float = 0.0,
+        **optimizer_kwargs,
     ):
         if stage not in STAGES:
             raise InputError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
-        self.model, self.stage, self.grad_clip = model, stage, grad_clip
+        if issubclass(optimizer_class, _NOT_ELEMENTWISE):
+            raise InputError(
+                f"{optimizer_class.__name__} updates an element from others of its tensor, so "
+                "it cannot run on a slice of a parameter; use an element-wise optimizer such as "
+                "AdamW, Adam, SGD, RMSprop or Adagrad"
+            )
+        module = (
+            module if module is not None else (params if isinstance(params, nn.Module) else None)
+        )
+        if stage == 3 and module is None:
+            raise InputError("ZeRO-3 gathers weights around a module's forward: pass module=")
+        self.module, self.stage, self.grad_clip = module, stage, grad_clip
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        for tensor in model.state_dict().values():  # every rank starts from rank 0's weights
-            dist.broadcast(tensor, src=0)
-        parts = 1 if stage == 0 else self.world_size
-        decay = {id(p) for p in model.param_groups(weight_decay)[0]["params"]}
-        blocks = list(getattr(model, "blocks", []))
-        in_blocks = {id(p) for b in blocks for p in b.parameters()}
-        modules = [[p for p in model.parameters() if id(p) not in in_blocks]]
-        modules += [list(b.parameters()) for b in blocks]
-        self.units = []
-        groups: dict[bool, list[Tensor]] = {True: [], False: []}
-        self._pieces: list[tuple[Tensor, int, int, int]] = []  # (tensor, unit, start, end)
-        for params in modules:
-            params = sorted(params, key=lambda p: id(p) not in decay)  # decayed ones first
-            unit = _Unit(params, parts, self.rank, stage)
-            self.units.append(unit)
-            n_decay = sum(p.numel() for p in params if id(p) in decay)
-            # AdamW sees only this rank's slice, split where weight decay stops applying.
-            cut = min(max(n_decay - unit.start, 0), unit.end - unit.start)
-            for is_decay, lo, hi in ((True, 0, cut), (False, cut, unit.end - unit.start)):
+        groups = _param_groups(params)
+        self.params = [p for g in groups for p in g["params"]]
+        if module is not None:
+            for tensor in module.state_dict().values():  # every rank starts from rank 0's
+                dist.broadcast(tensor, src=0)
+        else:
+            for group in groups:
+                for p in group["params"]:
+                    dist.broadcast(p.detach(), src=0)
+        group_of = {}
+        for i, group in enumerate(groups):
+            for p in group["params"]:
+                if id(p) in group_of:
+                    raise InputError("a parameter appears twice in the parameter groups")
+                group_of[id(p)] = i
+        trained = [p for g in groups for p in g["params"] if p.requires_grad]
+        if not trained:
+            raise InputError("every parameter is frozen (requires_grad=False): nothing to train")
+        self.units: list[_Unit] = []
+        for params_of_module in self._modules_params(trained, module):
+            by_kind: dict[tuple, list[nn.Parameter]] = {}
+            for p in params_of_module:
+                by_kind.setdefault((p.dtype, p.device), []).append(p)
+            for same_kind in by_kind.values():
+                same_kind.sort(key=lambda p: group_of[id(p)])
+                self.units.append(
+                    _Unit(same_kind, 1 if stage == 0 else self.world_size, self.rank, stage)
+                )
+        # The optimizer sees, per parameter, the part of it inside this rank's slice.
+        self._pieces: list[tuple[Tensor, nn.Parameter, _Unit, int, int]] = []
+        pieces_of_group: list[list[Tensor]] = [[] for _ in groups]
+        for unit in self.units:
+            for p, offset in zip(unit.params, unit.offsets, strict=True):
+                lo = max(offset, unit.start) - unit.start
+                hi = min(offset + p.numel(), unit.end) - unit.start
                 if hi > lo:
                     piece = unit.shard[lo:hi]
-                    groups[is_decay].append(piece)
-                    self._pieces.append((piece, len(self.units) - 1, lo, hi))
-            for p in params:
-                p.register_post_accumulate_grad_hook(lambda _, unit=unit: self._grad_ready(unit))
-        self.optimizer = torch.optim.AdamW(
+                    pieces_of_group[group_of[id(p)]].append(piece)
+                    self._pieces.append((piece, p, unit, lo, hi))
+            for p in unit.params:
+                p.register_post_accumulate_grad_hook(lambda p, unit=unit: self._grad_ready(unit, p))
+        self._used: set[int] = set()  # parameters that received a gradient in this window
+        self.optimizer = optimizer_class(
             [
-                {"params": groups[True], "weight_decay": weight_decay},
-                {"params": groups[False], "weight_decay": 0.0},
+                {**g, "params": pieces}
+                for g, pieces in zip(groups, pieces_of_group, strict=True)
+                if pieces
             ],
-            lr=lr,
-            betas=betas,
+            **optimizer_kwargs,
         )
         if stage == 3:
-            self._gather_around(model, self.units[0])
-            for block, unit in zip(blocks, self.units[1:], strict=True):
-                self._gather_around(block, unit)
+            blocks = list(getattr(module, "blocks", []))
+            in_blocks = {id(p) for b in blocks for p in b.parameters()}
+            for owner, wanted in [(module, None), *((b, b) for b in blocks)]:
+                ids = (
+                    {id(p) for p in owner.parameters()}
+                    if wanted is not None
+                    else {id(p) for p in module.parameters()} - in_blocks
+                )
+                units = [u for u in self.units if id(u.params[0]) in ids]
+                if units:
+                    self._gather_around(owner, units)
 
-    def _gather_around(self, module: nn.Module, unit: _Unit) -> None:
-        """Stage 3: gather `unit` before `module`'s forward, free it after; gather it again when
-        the gradient of the module's output arrives, i.e. just before its backward."""
+    @staticmethod
+    def _modules_params(trained: list[nn.Parameter], module: nn.Module | None):
+        """The trainable parameters cut into units: one per transformer block of `module` (its
+        `blocks`), and one for all the others."""
+        blocks = list(getattr(module, "blocks", [])) if module is not None else []
+        ids = {id(p) for p in trained}
+        units, in_blocks = [], set()
+        for block in blocks:
+            mine = [p for p in block.parameters() if id(p) in ids and id(p) not in in_blocks]
+            in_blocks |= {id(p) for p in mine}
+            units.append(mine)
+        rest = [p for p in trained if id(p) not in in_blocks]
+        return [u for u in [rest, *units] if u]
+
+    def _gather_around(self, module: nn.Module, units: list[_Unit]) -> None:
+        """Stage 3: gather `units` before `module`'s forward, free them after; gather them again
+        when the gradient of the module's output arrives, i.e. just before its backward."""
+
+        def gather(*_):
+            for unit in units:
+                unit.gather()
 
         def after(_module, _args, output):
             first = output[0] if isinstance(output, tuple) else output
             if first.requires_grad:
-                first.register_hook(lambda grad: unit.gather())
-            unit.release()
+                first.register_hook(lambda grad: gather())
+            for unit in units:
+                unit.release()
 
-        module.register_forward_pre_hook(lambda *_: unit.gather())
+        module.register_forward_pre_hook(gather)
         module.register_forward_hook(after)
 
-    def _grad_ready(self, unit: _Unit) -> None:
+    def _grad_ready(self, unit: _Unit, param: nn.Parameter) -> None:
         """Runs in the backward pass after each gradient of `unit`; once all are there, average
-        them over the ranks: all-reduce (stages 0-1) or reduce-scatter into this rank's slice."""
+        them over the ranks."""
+        self._used.add(id(param))
         unit.ready += 1
-        if unit.ready < len(unit.params):
-            return
-        unit.ready = 0
-        flat = torch.zeros_like(unit.flat) if self.stage < 3 else torch.zeros(unit.flat.numel())
-        torch.cat([p.grad.reshape(-1) for p in unit.params], out=flat[: unit.numel])
-        for p in unit.params:
-            p.grad = None
+        if unit.ready == len(unit.params):
+            self._reduce(unit)
+
+    def _reduce(self, unit: _Unit) -> None:
+        """Average `unit`'s gradients over the ranks: all-reduce (stages 0-1) or reduce-scatter
+        into this rank's slice. A missing gradient (an unused parameter) counts as zeros here;
+        `step` leaves that parameter alone."""
+        unit.ready, unit.reduced = 0, True
+        flat = torch.zeros(unit.flat.numel(), dtype=unit.flat.dtype, device=unit.flat.device)
+        for p, offset in zip(unit.params, unit.offsets, strict=True):
+            if p.grad is not None:
+                flat[offset : offset + p.numel()] = p.grad.reshape(-1)
+                p.grad = None
         if self.stage <= 1:
             dist.all_reduce(flat)
             reduced = flat
         else:
-            reduced = torch.empty(unit.end - unit.start)
+            reduced = torch.empty_like(unit.shard)
             dist.reduce_scatter_single(reduced, flat)
             del flat  # the full gradient lived only for this unit
         reduced /= self.world_size
@@ -189,18 +285,45 @@ class Zero:
         if self.stage == 3:
             unit.release()
 
-    def _my_grads(self) -> list[Tensor]:
-        return [u.grad[u.start : u.end] if self.stage <= 1 else u.grad for u in self.units]
+    def backward(self, loss: Tensor) -> None:
+        """`loss.backward()`, then the reduction of the units whose parameters did not all get a
+        gradient (the others were reduced during the pass)."""
+        loss.backward()
+        self.finish_backward()
+
+    def finish_backward(self) -> None:
+        """Reduce what the backward pass left unreduced (units holding an unused parameter), in
+        unit order, the same on every rank."""
+        for unit in self.units:
+            if not unit.reduced:
+                self._reduce(unit)
+            unit.reduced = False
+
+    def _my_grads(self) -> list[Tensor | None]:
+        return [
+            None if u.grad is None else (u.grad[u.start : u.end] if self.stage <= 1 else u.grad)
+            for u in self.units
+        ]
 
     def step(self) -> float:
-        mine = self._my_grads()
-        squares = torch.stack([g.double().square().sum() for g in mine]).sum()
+        if any(u.reduced or u.ready for u in self.units):
+            self.finish_backward()
+        mine = dict(zip(map(id, self.units), self._my_grads(), strict=True))
+        present = [g for g in mine.values() if g is not None]
+        device = self.units[0].flat.device
+        squares = (
+            torch.stack([g.double().square().sum() for g in present]).sum()
+            if present
+            else torch.zeros((), dtype=torch.float64, device=device)
+        )
         if self.stage > 0:  # each rank holds the squares of its slice only
             dist.all_reduce(squares)
         norm = squares.sqrt().item()
         scale = min(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else 1.0
-        for piece, unit, lo, hi in self._pieces:
-            piece.grad = mine[unit][lo:hi] * scale
+        for piece, param, unit, lo, hi in self._pieces:
+            grad = mine[id(unit)]
+            used = id(param) in self._used and grad is not None
+            piece.grad = grad[lo:hi] * scale if used else None
         self.optimizer.step()
         for piece, *_ in self._pieces:
             piece.grad = None
@@ -208,17 +331,46 @@ class Zero:
             unit.grad = None
             if 0 < self.stage < 3:  # everyone needs every updated slice for the next forward
                 dist.all_gather_single(unit.flat, unit.shard.clone())
+        self._used.clear()
         return norm
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The whole model's weights on every rank (a collective: every rank must call it)."""
+        """The whole module's weights on every rank (a collective: every rank must call it)."""
         for unit in self.units:
             unit.gather()
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         if self.stage == 3:
             for unit in self.units:
                 unit.release()
         return state
+
+    def load_full_state_dict(self, weights: dict[str, Tensor]) -> None:
+        """Load the whole module's weights (the same on every rank) into the shards."""
+        for unit in self.units:
+            unit.flat.untyped_storage().resize_(unit.flat.numel() * unit.flat.element_size())
+        self.module.load_state_dict(weights)
+        for unit in self.units:
+            unit.shard.copy_(unit.flat[unit.start : unit.end])
+            if self.stage == 3:
+                unit.release()
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (its slices), with the layout it is valid for."""
+        return {
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = (state["stage"], state["world_size"], state["rank"])
+        if saved != (self.stage, self.world_size, self.rank):
+            raise InputError(
+                f"this optimizer state was saved at ZeRO-{saved[0]} by rank {saved[2]} of "
+                f"{saved[1]}; resume it with the same stage and number of processes"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def census(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds right now,
@@ -232,10 +384,15 @@ class Zero:
             }
             return sum(storages.values())
 
-        params = [*self.model.parameters(), *(u.shard for u in self.units)]
-        grads = [*(p.grad for p in self.model.parameters()), *(u.grad for u in self.units)]
-        # AdamW's m and v; its per-tensor `step` counters (4 bytes each) are left out.
-        moments = [v for s in self.optimizer.state.values() for k, v in s.items() if k != "step"]
+        params = [*self.params, *(u.shard for u in self.units)]
+        grads = [*(p.grad for p in self.params), *(u.grad for u in self.units)]
+        # The optimizer's per-element states (AdamW's m and v); its 0-d `step` counters left out.
+        moments = [
+            v
+            for s in self.optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, Tensor) and v.dim() > 0
+        ]
         return {
             "parameters": nbytes(params),
             "gradients": nbytes(grads),
@@ -288,11 +445,12 @@ def equality_worker(
     report = {}
     for stage in STAGES:
         model = copy.deepcopy(base)
-        zero = Zero(model, stage, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
+        groups = model.param_groups(weight_decay)
+        zero = Zero(groups, stage, module=model, lr=lr, grad_clip=grad_clip)
         losses = []
         for x, y in batches:
             loss = model(x[rows], y[rows])[1]
-            loss.backward()
+            zero.backward(loss)
             held = zero.census()
             zero.step()
             total = loss.detach().double().reshape(1)
