@@ -235,6 +235,28 @@ def test_each_sampled_token_is_drawn_from_the_warped_distribution():
         assert torch.equal(out[:, -1:], expected)
 
 
+def test_sampling_equals_transformers_gpt2_generate_with_the_same_seed():
+    """Float64 weights in both: transformers' temperature, top-k and top-p warpers, then
+    torch.multinomial on torch's global generator, which ours uses without seed or generator."""
+    model = gpt(torch.float64)
+    hf = to_hf(model)
+    idx = prompt(3, 4)
+    n = CONFIG.block_size - idx.shape[1]
+    options = dict(temperature=0.9, top_k=12, top_p=0.85)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs = hf.generate(
+            idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=n,
+            do_sample=True,
+            pad_token_id=0,
+            **options,
+        )
+        torch.manual_seed(seed)
+        assert torch.equal(generate(model, idx, n, **options), theirs)
+
+
 def test_top_p_by_hand():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
 
