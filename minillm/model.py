@@ -582,7 +582,8 @@ class GPT(nn.Module):
             part.drop = self.drop
         part.blocks = nn.ModuleList()
         for i in layers:
-            part.blocks.add_module(str(i), self.blocks[i])  # iterated in order, named as here
+            # named as in the whole model: iterate over it (part.blocks[0] is block 0 or absent)
+            part.blocks.add_module(str(i), self.blocks[i])
         if head:
             part.ln_f, part.lm_head = self.ln_f, self.lm_head
         return part
