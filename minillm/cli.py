@@ -80,6 +80,7 @@ def _train(args) -> int:
     import shutil
 
     from minillm.engines import PlainEngine
+    from minillm.engines.common import rank_device
     from minillm.train import Trainer
     from minillm.train_config import load_config
 
@@ -89,6 +90,8 @@ def _train(args) -> int:
 
         path = repo_root() / DEFAULT_TRAIN_CONFIG
     config = load_config(path, args.set)
+    if args.ddp and args.deepspeed:
+        raise MiniLLMError("--ddp and --deepspeed choose two different engines; give one")
     engine_factory = PlainEngine
     if args.deepspeed:
         from functools import partial
@@ -98,10 +101,14 @@ def _train(args) -> int:
         json_config = ds_config.load_config(args.deepspeed)
         if args.nproc:  # check everything here, then hand over to DeepSpeed's launcher
             return deepspeed.launch(args.nproc, json_config, config, args.argv)
-        config.device = deepspeed.rank_device()
+        config.device = rank_device()
         engine_factory = partial(deepspeed.make_engine, ds_config=json_config)
+    elif args.ddp:
+        from minillm.engines import DDPEngine
 
-    elif args.nproc:
+        config.device = rank_device()
+        engine_factory = DDPEngine
+    if args.nproc and not args.deepspeed:
         raise MiniLLMError("--nproc launches DeepSpeed processes; give --deepspeed CONFIG too")
     if args.fresh and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(config.out_dir, ignore_errors=True)
@@ -185,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="JSON",
         help="train with DeepSpeed using this config (configs/deepspeed/)",
+    )
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="data parallelism from scratch (DDPEngine) in processes started by torchrun",
     )
     p.add_argument(
         "--nproc",

@@ -4,6 +4,7 @@ over the ranks, this rank's rows of a global batch, and a GPT rebuilt from a che
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minillm import checkpoint
+from minillm.errors import InputError
 from minillm.model import GPT, GPTConfig
 from minillm.parallel.ddp import shard_batch
+from minillm.parallel.launch import default_backend
 from minillm.train_config import OptimConfig, TrainConfig
 
 
@@ -35,6 +38,31 @@ def lr_schedule(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, o, config.max_iters) / o.learning_rate
     )
+
+
+def rank_device() -> str:
+    """The device of this launched process: its own GPU where there are GPUs, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def join_process_group() -> None:
+    """Join the process group that a launcher (torchrun, on one machine or several) describes in
+    the environment, unless this process is in one already."""
+    if dist.is_initialized():
+        return
+    missing = [
+        k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
+    ]
+    if missing:
+        raise InputError(
+            f"this engine runs in processes started by a launcher, and {', '.join(missing)} "
+            "is not set; start it with torchrun, e.g. torchrun --nproc-per-node 2 -m minillm.cli "
+            "train --ddp"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(default_backend())
 
 
 def mean_over_ranks(value: float, device: torch.device, group=None) -> float:

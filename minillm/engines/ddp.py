@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from minillm import checkpoint
-from minillm.engines.common import mean_over_ranks, shard_pair
+from minillm.engines.common import join_process_group, mean_over_ranks, shard_pair
 from minillm.engines.plain import PlainEngine
 from minillm.model import GPTConfig
 from minillm.parallel.ddp import DataParallel, model_and_batches
@@ -24,7 +24,9 @@ class DDPEngine(PlainEngine):
     `shard` keeps this rank's rows of the global batch; the backward pass of the last micro-batch
     of each accumulation window averages the gradients, the others skip it; `mean` averages a
     number (the loss) over the ranks. Use `functools.partial(DDPEngine, mode=...)` as a Trainer's
-    `engine_factory`; every rank must draw the same global batches (the same seed)."""
+    `engine_factory`; every rank must draw the same global batches (the same seed). Outside
+    `minillm.parallel.launch` it joins the process group torchrun describes (`minillm train
+    --ddp`, one machine or several)."""
 
     def __init__(
         self,
@@ -36,6 +38,7 @@ class DDPEngine(PlainEngine):
         bucket_cap_mb: float = 1.0,
         group=None,
     ):
+        join_process_group()
         super().__init__(model, config, device)
         self.ddp = DataParallel(model, mode, bucket_cap_mb, group)
         self.rank, self.world_size = dist.get_rank(group), self.ddp.world_size

@@ -18,18 +18,12 @@ import yaml
 from safetensors.torch import save_model
 from torch import nn
 
-from minillm import checkpoint, data
+from minillm import checkpoint, data, rundir
 from minillm.engines.common import lr_schedule, mean_over_ranks, rebuild_model, shard_pair
 from minillm.engines.ds_config import prepare_config
 from minillm.model import GPT
 from minillm.parallel.launch import free_port
 from minillm.train_config import TrainConfig
-
-
-def rank_device() -> str:
-    """The device of this launched process: its own GPU where there are GPUs, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def launch(nproc: int, ds_config: dict, train: TrainConfig, argv: list[str]) -> int:
@@ -41,9 +35,7 @@ def launch(nproc: int, ds_config: dict, train: TrainConfig, argv: list[str]) -> 
     argv = list(argv)
     i = argv.index("--nproc")
     del argv[i : i + 2]
-    if "--fresh" in argv:  # here, once, not in every rank
-        argv.remove("--fresh")
-        shutil.rmtree(train.out_dir, ignore_errors=True)
+    rundir.check_free(Path(train.out_dir))  # another run there: refused before any rank starts
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the launcher leaves it unset: 2-25x slower steps
     command = [
@@ -103,6 +95,7 @@ class DeepSpeedTrainEngine:
             lr_scheduler=functools.partial(lr_schedule, config=config),
             config=self.ds_config,
         )
+        _load_files_weights_only(self.engine)
         # The Trainer's world is the data-parallel one: that many ranks split each batch.
         self.world_size = self.engine.dp_world_size
         self.data_rank = dist.get_rank(group=self.engine.data_parallel_group)
@@ -141,35 +134,49 @@ class DeepSpeedTrainEngine:
         self, run_dir: Path, step: int, state: dict, config: dict, keep: int, tokenizer
     ) -> Path:
         """Every rank writes its shard with DeepSpeed's `save_checkpoint`; rank 0 then exports
-        the full fp32 weights as `model.safetensors` (written last, so its presence marks the
-        checkpoint complete), with the config and tokenizer `minillm sample` reads."""
+        the full fp32 weights as `model.safetensors`, with the config and tokenizer `minillm
+        sample` reads, and writes the manifest of every file's sha256 last: its presence marks
+        the checkpoint complete, and a resume verifies the files against it before DeepSpeed
+        reads any."""
         folder = checkpoint.checkpoint_dir(run_dir, step)
-        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=state)
-        weights = self._fp32_state_dict(folder)  # collective at ZeRO-3: every rank takes part
+        if self.rank == 0 and folder.exists():  # the leftovers of a save of this step cut short
+            shutil.rmtree(folder)
+        dist.barrier()
+        self.engine.save_checkpoint(
+            str(folder.parent), tag=folder.name, client_state=state, save_latest=False
+        )
+        weights = self._fp32_state_dict(folder)  # a collective at ZeRO 1-3: every rank takes part
         if self.rank == 0:
             (folder / checkpoint.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
             tokenizer.save(folder / checkpoint.TOKENIZER)
-            model = rebuild_model(config, weights)
-            tmp = folder / f".{checkpoint.WEIGHTS}.tmp"
-            save_model(model, str(tmp))
-            tmp.rename(folder / checkpoint.WEIGHTS)
+            save_model(rebuild_model(config, weights), str(folder / checkpoint.WEIGHTS))
+            checkpoint.write_manifest(folder)
             checkpoint.prune(run_dir, keep)
         dist.barrier()
         return folder
 
     def _fp32_state_dict(self, folder: Path) -> dict[str, torch.Tensor]:
-        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        if stage == 0:  # every rank holds the whole model
-            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        """The full fp32 weights under the GPT's names, assembled in memory from DeepSpeed's
+        fp32 partitions (ZeRO 1-3, or the bf16 optimizer's master copy), never read back from
+        the files just written. Every rank calls it: the assembly is a collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        dist.barrier()  # all shards are on disk
-        if self.rank != 0:
-            return {}
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        full: dict[int, torch.Tensor] = {}  # tied weights are one parameter, assembled once
+        weights = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if isinstance(tensor, nn.Parameter):
+                if id(tensor) not in full:
+                    master = safe_get_full_fp32_param(tensor)  # None where nothing is sharded
+                    full[id(tensor)] = tensor if master is None else master
+                tensor = full[id(tensor)]
+            weights[name] = tensor.detach().float().cpu()
+        return weights
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Verify every file of checkpoint `path` against its manifest, then let DeepSpeed load
+        its shards, through `torch.load(weights_only=True)` (see `_load_files_weights_only`)."""
         path = Path(path)
+        checkpoint.verify(path)
         loaded, state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
@@ -184,3 +191,49 @@ def make_engine(
 
     engine = PipelineTrainEngine if "pipeline" in ds_config else DeepSpeedTrainEngine
     return engine(model, config, device, ds_config=ds_config)
+
+
+# The classes DeepSpeed 0.19 pickles into its ZeRO files beside tensors and plain containers
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3, bf16, offload and
+# pipeline checkpoints). Rebuilding them sets attributes; it runs no code from the file.
+def _deepspeed_safe_globals() -> list[type]:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_file_weights_only(path: str | Path, map_location=None) -> Any:
+    """A DeepSpeed checkpoint file read with `torch.load(weights_only=True)`: tensors, plain
+    containers and the few DeepSpeed classes above, never a code payload, and refused if it
+    nests or branches like a pickle bomb."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # an unsupported global (a payload), a truncated file, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise checkpoint.CheckpointError(
+            f"{path} is not a DeepSpeed checkpoint file minillm will read ({first}); it is "
+            "damaged or hostile: resume from another checkpoint"
+        ) from None
+    checkpoint.check_size(loaded, path)
+    return loaded
+
+
+def _load_files_weights_only(engine) -> None:
+    """Make `engine` read its checkpoint files with `load_file_weights_only`: DeepSpeed's torch
+    checkpoint engine calls `torch.load(weights_only=False)`, which would run a payload."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path, map_location=None):
+            return load_file_weights_only(path, map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise checkpoint.CheckpointError(
+            f"DeepSpeed chose the {type(engine.checkpoint_engine).__name__} for this config; "
+            "minillm loads checkpoints only through the torch one (remove the checkpoint writer "
+            "settings from the DeepSpeed config)"
+        )
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
