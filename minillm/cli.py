@@ -77,8 +77,7 @@ def _notebooks(args) -> int:
 
 
 def _train(args) -> int:
-    import shutil
-
+    from minillm import rundir
     from minillm.engines import PlainEngine
     from minillm.engines.common import rank_device
     from minillm.train import Trainer
@@ -90,6 +89,8 @@ def _train(args) -> int:
 
         path = repo_root() / DEFAULT_TRAIN_CONFIG
     config = load_config(path, args.set)
+    if args.fresh and int(os.environ.get("RANK", "0")) == 0:  # here once, never in the ranks
+        rundir.remove_fresh(Path(config.out_dir))  # only a folder minillm made, and not in use
     if args.ddp and args.deepspeed:
         raise MiniLLMError("--ddp and --deepspeed choose two different engines; give one")
     engine_factory = PlainEngine
@@ -100,7 +101,8 @@ def _train(args) -> int:
 
         json_config = ds_config.load_config(args.deepspeed)
         if args.nproc:  # check everything here, then hand over to DeepSpeed's launcher
-            return deepspeed.launch(args.nproc, json_config, config, args.argv)
+            argv = [a for a in args.argv if a != "--fresh"]  # done above
+            return deepspeed.launch(args.nproc, json_config, config, argv)
         config.device = rank_device()
         engine_factory = partial(deepspeed.make_engine, ds_config=json_config)
     elif args.ddp:
@@ -110,8 +112,6 @@ def _train(args) -> int:
         engine_factory = DDPEngine
     if args.nproc and not args.deepspeed:
         raise MiniLLMError("--nproc launches DeepSpeed processes; give --deepspeed CONFIG too")
-    if args.fresh and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(config.out_dir, ignore_errors=True)
     trainer = Trainer(config, engine_factory=engine_factory)
     result = trainer.fit()
     if not trainer.is_main:

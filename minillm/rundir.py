@@ -103,6 +103,9 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __del__(self) -> None:  # a Trainer dropped without finishing frees its folder
+        self.release()
+
     def __enter__(self) -> RunLock:
         return self
 

@@ -10,6 +10,7 @@ them. The configs are `minillm.train_config`'s.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minillm import checkpoint, data
+from minillm import checkpoint, data, rundir
 from minillm.config import to_dict
 from minillm.engines import PlainEngine
 from minillm.errors import InputError, MiniLLMError
@@ -81,7 +82,10 @@ class Trainer:
     """Trains a `GPT` on a corpus, evaluating, logging and checkpointing as the config says.
 
     `Trainer(config).fit()` resumes from the run folder's latest checkpoint when there is one, so a
-    killed run started again with the same command continues exactly where it was saved.
+    killed run started again with the same command continues exactly where it was saved. The run
+    folder is locked for this run while it trains (`minillm.rundir`), and every file in it is
+    replaced atomically or grows by whole lines, so a kill at any moment leaves a folder that
+    resumes. A read-only folder whose run is finished is evaluated and sampled, never written.
     """
 
     METRICS = "metrics.csv"  # one row per optimizer step
@@ -109,12 +113,32 @@ class Trainer:
         self.engine = engine_factory(self.model, c, self.device)
         self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics
         self.progress = progress and self.is_main
-        if self.is_main and not (self.run_dir / checkpoint.TOKENIZER).is_file():
-            self.tokenizer.save(self.run_dir / checkpoint.TOKENIZER)
+        self._check_sample_prompt()
+        self.read_only = self.run_dir.is_dir() and not rundir.is_writable(self.run_dir)
+        # One run per folder: rank 0 holds the lock (naming this process) until fit() ends.
+        self._lock = rundir.acquire(self.run_dir) if self.is_main and not self.read_only else None
+        if self._lock and not (self.run_dir / checkpoint.TOKENIZER).is_file():
+            with rundir.atomic_path(self.run_dir / checkpoint.TOKENIZER) as tmp:
+                self.tokenizer.save(tmp)
         self.train_batches, self.val_tokens, self.train_tokens = self._data(text)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self._tensorboard = _tensorboard_writer(self.run_dir)
+        self._tensorboard = _tensorboard_writer(self.run_dir) if self._lock else None
+
+    def _check_sample_prompt(self) -> None:
+        """The end-of-training sample's settings, checked before training rather than after."""
+        c = self.config
+        if not c.sample_tokens:
+            return
+        try:
+            ids = self.tokenizer.encode(c.sample_prompt)
+        except InputError as exc:
+            raise InputError(f"sample_prompt cannot be encoded: {exc}") from None
+        if len(ids) > c.model.block_size:
+            raise InputError(
+                f"sample_prompt is {len(ids)} tokens, longer than model.block_size="
+                f"{c.model.block_size}; shorten it or set sample_tokens=0"
+            )
 
     # -- data and tokenizer ------------------------------------------------------------------
     def _tokenizer(self, text: str) -> Tokenizer:
@@ -140,6 +164,15 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()  # the next run (or a resume in this process) may start
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+
+    def _fit(self) -> TrainResult:
         c = self.config
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
@@ -285,23 +318,17 @@ class Trainer:
             for key, value in zip(fields[1:], row[1:], strict=True):
                 if value is not None:
                     self._tensorboard.add_scalar(f"{group}/{key}", value, row[0])
-        path = self.run_dir / name
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(fields)
-            writer.writerow(row)
+        rundir.append_line(self.run_dir / name, _csv_line(row), header=_csv_line(fields))
 
     def _truncate_logs(self, step: int) -> None:
-        """Drop rows logged after `step`: a resumed run logs those steps again."""
-        for name in (self.METRICS, self.EVALS):
+        """Keep the whole rows logged up to `step` (a resumed run logs later steps again), and
+        replace each log atomically: a kill here leaves the old file or the new one."""
+        for name, fields in ((self.METRICS, self.FIELDS), (self.EVALS, self.EVAL_FIELDS)):
             path = self.run_dir / name
             if path.exists():
-                rows = list(csv.reader(path.open()))
-                kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-                with open(path, "w", newline="") as f:
-                    csv.writer(f).writerows(kept)
+                kept = [r for r in _rows(path, fields) if int(r[0]) <= step]
+                text = "".join(_csv_line(r) + "\n" for r in [fields, *kept])
+                rundir.write_atomic(path, text)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -324,39 +351,64 @@ class Trainer:
     def _resume_if_possible(self) -> None:
         latest = checkpoint.latest_checkpoint(self.run_dir)
         if latest is None:
-            if self.is_main:
+            if self.read_only:
+                raise rundir.RunFolderError(
+                    f"{self.run_dir} is read-only and holds no checkpoint, so there is nothing "
+                    "to evaluate and nowhere to train; choose another out_dir"
+                )
+            if self._lock:
                 for name in (self.METRICS, self.EVALS):  # logs of a run that never checkpointed
                     (self.run_dir / name).unlink(missing_ok=True)
             return
         saved = checkpoint.load_config(latest)
-        if saved.get("model") != to_dict(self.config.model):
+        if saved["model"] != to_dict(self.config.model):
             raise checkpoint.CheckpointError(
                 f"{self.run_dir} holds a run with another model config; pass --fresh to start "
                 "over there, or choose another out_dir"
             )
+        checkpoint.verify(latest)  # every file as it was saved, before any engine reads one
         state = self.engine.load_checkpoint(latest)
+        checkpoint.check_state(state, latest, self.config.max_iters)
         self.train_batches.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
         self.last_checkpoint = latest
-        if self.is_main:
+        if self.read_only and self.step < self.config.max_iters:
+            raise rundir.RunFolderError(
+                f"{self.run_dir} is read-only and its run stopped at step {self.step} of "
+                f"max_iters={self.config.max_iters}; make it writable (or copy it) to finish"
+            )
+        if self._lock:
             self._truncate_logs(self.step)
         if self.progress:
             print(f"resuming from {latest} (step {self.step})")
 
 
+def _csv_line(values) -> str:
+    """One CSV row as text without its newline (None is an empty cell)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(values)
+    return out.getvalue()
+
+
+def _rows(path: Path, fields: tuple[str, ...]) -> list[list[str]]:
+    """The whole data rows of a log: its header, a torn last line, and a line torn by a kill and
+    then continued (a wrong number of cells) are left out."""
+    rows = csv.reader(rundir.read_lines(path))
+    return [r for r in rows if len(r) == len(fields) and r[0].isdigit()]
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """The per-step rows of `metrics.csv` and the rows of `evals.csv`, as floats."""
 
-    def rows(name: str) -> list[dict[str, float]]:
-        path = Path(run_dir) / name
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            # An empty cell (DeepSpeed reports no gradient norm at ZeRO-0) reads as NaN.
-            return [{k: float(v or "nan") for k, v in row.items()} for row in csv.DictReader(f)]
+    def rows(name: str, fields: tuple[str, ...]) -> list[dict[str, float]]:
+        # An empty cell (DeepSpeed reports no gradient norm at ZeRO-0) reads as NaN.
+        return [
+            {k: float(v or "nan") for k, v in zip(fields, row, strict=True)}
+            for row in _rows(Path(run_dir) / name, fields)
+        ]
 
-    return rows(Trainer.METRICS), rows(Trainer.EVALS)
+    return rows(Trainer.METRICS, Trainer.FIELDS), rows(Trainer.EVALS, Trainer.EVAL_FIELDS)
 
 
 def plot_curves(run_dir: str | Path, ax=None):

@@ -3,6 +3,7 @@ configs read from YAML with `key=value` overrides (`minillm train --set ...`).""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,31 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+
+    def __post_init__(self) -> None:
+        """Every setting checked before any training: each would otherwise surface as a torch
+        traceback (a beta of 1.5, a NaN rate), a ZeroDivisionError (a rate of 0) or a schedule
+        that silently rises (min_lr above the peak)."""
+        _in_range("optim.learning_rate", self.learning_rate, low=0, low_open=True)
+        _in_range("optim.min_lr", self.min_lr, low=0)
+        if self.min_lr > self.learning_rate:
+            raise InputError(
+                f"optim.min_lr ({self.min_lr:g}) is above optim.learning_rate "
+                f"({self.learning_rate:g}): the cosine would rise; set min_lr <= learning_rate"
+            )
+        _in_range("optim.warmup_iters", self.warmup_iters, low=0)
+        _in_range("optim.weight_decay", self.weight_decay, low=0)
+        for name in ("beta1", "beta2"):
+            _in_range(f"optim.{name}", getattr(self, name), low=0, high=1)
+        _in_range("optim.grad_clip", self.grad_clip, low=0)
+
+
+def _in_range(name: str, value: float, *, low: float, high: float = math.inf, low_open=False):
+    """Refuse NaN, infinity and values outside [low, high) ((low, high) when `low_open`)."""
+    if not math.isfinite(value) or value < low or value >= high or (low_open and value == low):
+        lower = f"> {low:g}" if low_open else f">= {low:g}"
+        upper = "" if high == math.inf else f" and < {high:g}"
+        raise InputError(f"{name} must be a finite number {lower}{upper}, got {value!r}")
 
 
 @dataclass
@@ -69,6 +95,13 @@ class TrainConfig:
             raise unknown_name("precision", self.precision, PRECISIONS)
         if self.data.tokenizer not in TOKENIZERS:
             raise unknown_name("tokenizer", self.data.tokenizer, TOKENIZERS)
+        _in_range("keep_checkpoints", self.keep_checkpoints, low=0)
+        _in_range("sample_tokens", self.sample_tokens, low=0)
+        if self.sample_tokens and not self.sample_prompt:
+            raise InputError(
+                "sample_prompt is empty; give at least one character (e.g. a newline), or set "
+                "sample_tokens=0 for no sample"
+            )
 
     @property
     def tokens_per_step(self) -> int:

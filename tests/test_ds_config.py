@@ -207,6 +207,8 @@ BAD = [
     ("batch-math", {"train_batch_size": 16}, (), "16 != micro batch 4 x accumulation 1"),
     ("removed-feature", {"progressive_layer_drop": {"enabled": True}}, (), "has been removed"),
     ("top-level-list", [1, 2], (), "must be a JSON object"),
+    ("universal", {"checkpoint": {"load_universal": True}}, (), "weights_only=False"),
+    ("fast-writer", {"checkpoint": {"writer": {"decoupled": True}}}, (), "torch engine only"),
 ]
 
 

@@ -77,6 +77,45 @@ def test_mistyped_values_are_rejected():
         load_config(None, ["max_iters"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=0", "optim.learning_rate must be a finite number > 0, got 0.0"),
+        ("optim.learning_rate=-1e-3", "optim.learning_rate must be a finite number > 0"),
+        ("optim.learning_rate=.nan", "optim.learning_rate must be a finite number > 0, got nan"),
+        ("optim.learning_rate=.inf", "optim.learning_rate must be a finite number > 0, got inf"),
+        ("optim.beta1=1.5", "optim.beta1 must be a finite number >= 0 and < 1, got 1.5"),
+        ("optim.beta2=1.0", "optim.beta2 must be a finite number >= 0 and < 1, got 1.0"),
+        ("optim.beta1=-0.1", "optim.beta1 must be a finite number >= 0 and < 1"),
+        ("optim.warmup_iters=-5", "optim.warmup_iters must be a finite number >= 0, got -5"),
+        ("optim.min_lr=0.1", "optim.min_lr (0.1) is above optim.learning_rate (0.001)"),
+        ("optim.min_lr=-1e-4", "optim.min_lr must be a finite number >= 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number >= 0"),
+        ("optim.grad_clip=-1", "optim.grad_clip must be a finite number >= 0"),
+        ("optim.grad_clip=.nan", "optim.grad_clip must be a finite number >= 0, got nan"),
+        ("sample_tokens=-1", "sample_tokens must be a finite number >= 0, got -1"),
+        ("sample_prompt=", "sample_prompt is empty"),
+        ("keep_checkpoints=-1", "keep_checkpoints must be a finite number >= 0"),
+    ],
+)
+def test_every_optimizer_and_sampling_setting_is_checked_in_one_sentence(override, message):
+    with pytest.raises(InputError) as refused:
+        load_config(None, ["optim.learning_rate=1e-3", "optim.min_lr=1e-4", override])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_is_refused_before_training(tmp_path):
+    for prompt, message in (
+        ("ROMEO€", "sample_prompt cannot be encoded: character '€'"),
+        ("x" * 17, "sample_prompt is 17 tokens, longer than model.block_size=16"),
+    ):
+        config = tiny(tmp_path, "sample_tokens=10", f"sample_prompt={prompt}")
+        with pytest.raises(InputError, match=message):
+            Trainer(config, progress=False)
+        assert not (tmp_path / "run" / "metrics.csv").exists()  # not one step was trained
+    Trainer(tiny(tmp_path, "sample_tokens=0", "sample_prompt=€"), progress=False)  # no sample
+
+
 def test_overrides_parse_yaml_values_and_round_trip():
     config = load_config(None, ["optim.learning_rate=3e-4", "compile=true", "model.n_layer=6"])
     assert config.optim.learning_rate == 3e-4 and config.compile is True
@@ -235,6 +274,7 @@ def test_checkpoint_is_complete_and_old_ones_are_pruned(tmp_path):
         "state.pt",
         "config.yaml",
         "tokenizer.json",
+        "manifest.json",  # written last: the checkpoint is complete
     }
     (latest.parent / ".tmp-step_0000040").mkdir()  # a save killed half-way
     assert checkpoint.latest_checkpoint(result.run_dir) == latest

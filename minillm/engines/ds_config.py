@@ -79,6 +79,16 @@ REFUSED = {
     "run; remove the section",
     "dataloader_drop_last": "it applies to DeepSpeed's own data loader, and minillm feeds its "
     "own batches; remove the key",
+    "datastates_ckpt": "minillm saves and loads checkpoints through DeepSpeed's torch engine "
+    "only (it loads them with weights_only=True, so a file cannot run code); remove the key",
+}
+# Keys of the `checkpoint` section that would make DeepSpeed read files with
+# torch.load(weights_only=False) or through another engine than the one minillm makes safe.
+_UNSAFE_CHECKPOINT_KEYS = {
+    "load_universal": "DeepSpeed loads universal checkpoints with torch.load(weights_only=False), "
+    "which can run code from the file",
+    "writer": "minillm saves and loads checkpoints through DeepSpeed's torch engine only, reading "
+    "them with weights_only=True",
 }
 
 # Values minillm fills from the training config: a different explicit value is refused.
@@ -158,15 +168,17 @@ _RECORDED_SECTIONS = (
 def deepspeed_reads() -> dict[str, dict[str, Any]]:
     """{section: {key: default}} for every key DeepSpeed 0.19's config parser reads: "" is the
     top level, the other sections are those it reads key by key. Recorded from the parser."""
+    import torch.distributed as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    world = dist.get_world_size() if dist.is_initialized() else 1  # the parser checks batch math
     reads: dict[str, dict[str, Any]] = {}
     sections = {name: _Recorder(reads, name) for name in _RECORDED_SECTIONS}
     DeepSpeedConfig(
         _Recorder(
             reads,
             "",
-            train_batch_size=1,
+            train_batch_size=world,
             train_micro_batch_size_per_gpu=1,
             gradient_accumulation_steps=1,
             **sections,
@@ -706,6 +718,9 @@ def prepare_config(
             _check_pydantic_section(name, section)
         elif name in _RECORDED_SECTIONS:
             _check_recorded_section(name, section)
+    for key, why in _UNSAFE_CHECKPOINT_KEYS.items():
+        if config.get("checkpoint", {}).get(key):
+            raise InputError(f"DeepSpeed config key 'checkpoint.{key}' is not supported: {why}")
     stage = _check_zero(config)
     data_parallel = _check_pipeline(config, world_size)
     _check_batches(config, train, data_parallel)
