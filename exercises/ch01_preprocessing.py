@@ -33,6 +33,9 @@ def zscore(x: Sequence[float]) -> np.ndarray:
     Example:
         >>> zscore([1, 2, 3])
         array([-1.22474487,  0.        ,  1.22474487])
+
+    Off limits: `scipy.stats.zscore`, `minillm.preprocess.zscore` (this exercise asks you to write
+    it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -47,6 +50,9 @@ def max_abs_zscore(n: int, ddof: int = 0) -> float:
     Example:
         >>> round(max_abs_zscore(6), 4)  # so |z| > 3 is impossible with 6 values
         2.2361
+
+    Off limits: `minillm.preprocess.max_abs_zscore` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -68,6 +74,9 @@ def iqr_fences(x: Sequence[float], k: float = 1.5) -> tuple[float, float]:
     Example:
         >>> iqr_fences([10, 12, 12, 13, 12, 100])  # Q1 = 12, Q3 = 12.75
         (10.875, 13.875)
+
+    Off limits: `numpy.percentile`, `numpy.quantile`, `minillm.preprocess.iqr_fences` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -87,6 +96,9 @@ def modified_zscore(x: Sequence[float]) -> np.ndarray:
     Example:
         >>> modified_zscore([10, 12, 12, 13, 12, 100]).round(3)  # median 12, MAD 0.5
         array([ -2.698,   0.   ,   0.   ,   1.349,   0.   , 118.712])
+
+    Off limits: `scipy.stats.median_abs_deviation`, `minillm.preprocess.modified_zscore` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -103,6 +115,9 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
     Example:
         >>> gaussian_kernel(1.0, truncate=1.0).round(4)  # r = 1
         array([0.2741, 0.4519, 0.2741])
+
+    Off limits: `scipy.ndimage.gaussian_filter1d`, `minillm.preprocess.gaussian_kernel` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -124,6 +139,9 @@ def centered_moving_average(x: Sequence[float], window: int) -> np.ndarray:
     Example:
         >>> centered_moving_average([1, 2, 3, 4, 5], 3)
         array([1.5, 2. , 3. , 4. , 4.5])
+
+    Off limits: `pandas.Series.rolling`, `pandas.DataFrame.rolling`,
+    `minillm.preprocess.moving_average` (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -140,6 +158,9 @@ def normalize_text(text: str) -> str:
     Example:
         >>> normalize_text("  Hello,\\tWORLD…  “ﬁne”!  ")
         'hello world fine'
+
+    Off limits: `minillm.preprocess.normalize_text` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -160,6 +181,9 @@ def linear_interpolate(x: Sequence[float]) -> np.ndarray:
     Example:
         >>> linear_interpolate([np.nan, 1.0, np.nan, np.nan, 4.0, np.nan])
         array([1., 1., 2., 3., 4., 4.])
+
+    Off limits: `pandas.Series.interpolate`, `pandas.DataFrame.interpolate` (this exercise asks you
+    to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -173,6 +197,9 @@ def char_ngram_jaccard(a: str, b: str, n: int = 3) -> float:
     Example:
         >>> char_ngram_jaccard("night", "nacht", 2)  # {ni ig gh ht} vs {na ac ch ht}
         0.14285714285714285
+
+    Off limits: `minillm.preprocess.jaccard`, `minillm.preprocess.shingles` (this exercise asks you
+    to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -195,5 +222,8 @@ def regression_impute(X: np.ndarray, target: int) -> np.ndarray:
         >>> X = np.array([[0.0, 1.0], [1.0, 3.0], [2.0, np.nan], [3.0, 7.0]])
         >>> round(float(regression_impute(X, target=1)[2, 1]), 9)  # y = 1 + 2 x
         5.0
+
+    Off limits: `minillm.preprocess.regression_impute` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError

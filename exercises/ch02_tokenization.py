@@ -53,6 +53,9 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
     Example:
         >>> merge_pair([1, 2, 3, 1, 2], (1, 2), 99)
         [99, 3, 99]
+
+    Off limits: `minillm.tokenizer._merge` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -75,6 +78,9 @@ def train_bpe(text: str, num_merges: int) -> list[tuple[int, int]]:
     Example:
         >>> train_bpe("aaabdaaabac", 3)  # 'aa' (4 times), then 'ab' beats 'Za' (256, 97) in a tie
         [(97, 97), (97, 98), (256, 257)]
+
+    Off limits: `minillm.tokenizer.learn_merges`, `minillm.tokenizer.BPETokenizer.train`,
+    `minillm.tokenizer.train_hf_bpe` (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -98,6 +104,9 @@ def encode(text: str, merges: Sequence[tuple[int, int]]) -> list[int]:
         [97, 256]
 
         'bc' was learned before 'ab', so "abc" becomes a + bc: token 258 ('abc') is not used.
+
+    Off limits: `minillm.tokenizer.BPETokenizer.encode` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -118,6 +127,9 @@ def decode(ids: Sequence[int], merges: Sequence[tuple[int, int]]) -> str:
     Example:
         >>> decode([104, 256, 32, 226, 130, 172], [(105, 33)])  # 256 = 'i!'; '€' is 3 bytes
         'hi! €'
+
+    Off limits: `minillm.tokenizer.BPETokenizer.decode` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -153,6 +165,9 @@ def train_val_split(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndar
     Example:
         >>> train_val_split(np.arange(10), 0.2)
         (array([0, 1, 2, 3, 4, 5, 6, 7]), array([8, 9]))
+
+    Off limits: `minillm.data.train_val_split` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 

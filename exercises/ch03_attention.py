@@ -33,6 +33,9 @@ def stable_softmax(x: Tensor, dim: int = -1) -> Tensor:
     Example:
         >>> stable_softmax(torch.tensor([1000.0, 1000.0 + math.log(3.0)]))
         tensor([0.2500, 0.7500])
+
+    Off limits: `torch.softmax`, `torch.nn.functional.softmax`, `torch.Tensor.softmax`,
+    `torch.special.softmax` (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -64,6 +67,9 @@ def causal_mask(seq_len: int) -> Tensor:
         tensor([[ True, False, False],
                 [ True,  True, False],
                 [ True,  True,  True]])
+
+    Off limits: `minillm.attention.causal_mask` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -82,6 +88,9 @@ def padding_mask(lengths: Tensor, seq_len: int) -> Tensor:
         >>> padding_mask(torch.tensor([2, 3]), 4)[:, 0, 0]
         tensor([[ True,  True, False, False],
                 [ True,  True,  True, False]])
+
+    Off limits: `minillm.attention.padding_mask` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -107,6 +116,10 @@ def scaled_dot_product_attention(
         >>> scaled_dot_product_attention(q, k, v, mask=causal_mask(2))
         tensor([[1.0000, 2.0000],
                 [2.3395, 3.3395]])
+
+    Off limits: `torch.nn.functional.scaled_dot_product_attention`,
+    `minillm.attention.scaled_dot_product_attention` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -121,6 +134,9 @@ def split_heads(x: Tensor, n_heads: int) -> Tensor:
         >>> split_heads(torch.arange(8.0).reshape(1, 2, 4), 2)[0, 1]  # head 1: features 2:4
         tensor([[2., 3.],
                 [6., 7.]])
+
+    Off limits: `minillm.attention.split_heads` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -132,6 +148,9 @@ def merge_heads(x: Tensor) -> Tensor:
         >>> x = torch.arange(8.0).reshape(1, 2, 4)
         >>> torch.equal(merge_heads(split_heads(x, 2)), x)
         True
+
+    Off limits: `minillm.attention.merge_heads` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -165,5 +184,10 @@ def multi_head_attention(
         >>> x = torch.randn(2, 5, 8); eye = torch.eye(8)
         >>> multi_head_attention(x, x, eye, eye, eye, eye, n_heads=2).shape
         torch.Size([2, 5, 8])
+
+    Off limits: `torch.nn.functional.multi_head_attention_forward`,
+    `torch.nn.functional.scaled_dot_product_attention`,
+    `minillm.attention.scaled_dot_product_attention`, `minillm.attention.MultiHeadAttention.forward`
+    (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError

@@ -36,6 +36,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     Example:
         >>> layer_norm(torch.tensor([[1.0, 3.0]]), torch.ones(2), torch.zeros(2))
         tensor([[-1.0000,  1.0000]])
+
+    Off limits: `torch.nn.functional.layer_norm`, `torch.layer_norm` (this exercise asks you to
+    write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -58,6 +61,9 @@ def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
         >>> sinusoidal_positions(2, 4)
         tensor([[0.0000, 1.0000, 0.0000, 1.0000],
                 [0.8415, 0.5403, 0.0100, 0.9999]])
+
+    Off limits: `minillm.encoders.sinusoidal_positions` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -80,6 +86,9 @@ def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     Example:
         >>> apply_rotary(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))  # D = 2: theta_0 = 1
         tensor([[0.5403, 0.8415]])
+
+    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin` (this exercise asks you
+    to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -99,6 +108,9 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         >>> q = k = v = torch.randn(1, 2, 5, 8)
         >>> rotary_attention(q, k, v).shape
         torch.Size([1, 2, 5, 8])
+
+    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin` (this exercise asks you
+    to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -127,6 +139,9 @@ def gpt_block(x: Tensor, weights: dict[str, Tensor], n_head: int) -> Tensor:
         >>> block = GPT(GPTConfig(n_embd=16, n_head=2)).blocks[0]
         >>> gpt_block(torch.randn(1, 3, 16), block.state_dict(), n_head=2).shape
         torch.Size([1, 3, 16])
+
+    Off limits: `minillm.model.Block.forward` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -145,6 +160,9 @@ def gpt_parameter_count(config: Any) -> int:
         >>> gpt_parameter_count(GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
         ...                               n_head=12, n_embd=768))  # GPT-2 small
         124439808
+
+    Off limits: `minillm.model.GPT`, `minillm.memory.parameter_count` (this exercise asks
+    you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -174,6 +192,9 @@ def mask_tokens(
         >>> inputs, labels = mask_tokens(torch.full((1, 1000), 7), mask_id=3, vocab_size=10)
         >>> ((labels == 7).float().mean() - 0.15).abs() < 0.05
         tensor(True)
+
+    Off limits: `minillm.encoders.mask_tokens` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -209,5 +230,9 @@ def cross_attention(
         ...      for p in "qkvo" for n in ("weight", "bias")}
         >>> cross_attention(torch.randn(2, 3, 8), torch.randn(2, 5, 8), w, n_head=2).shape
         torch.Size([2, 3, 8])
+
+    Off limits: `torch.nn.functional.multi_head_attention_forward`,
+    `torch.nn.MultiheadAttention.forward` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError

@@ -43,6 +43,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_IN
         >>> logits = torch.tensor([[[0.0, 0.0, math.log(2.0)], [9.0, 0.0, 0.0]]])  # (1, 2, 3)
         >>> cross_entropy(logits, torch.tensor([[2, -100]]))  # p(2) = 2 / (1 + 1 + 2) = 0.5
         tensor(0.6931)
+
+    Off limits: `torch.nn.functional.cross_entropy`, `torch.nn.functional.nll_loss`,
+    `torch.nn.functional.log_softmax`, `torch.log_softmax`, `torch.Tensor.log_softmax` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -64,6 +68,9 @@ def perplexity(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
     Example (all logits equal: uniform over 65 tokens):
         >>> round(perplexity(torch.zeros(2, 3, 65), torch.zeros(2, 3, dtype=torch.long)), 3)
         65.0
+
+    Off limits: `torch.nn.functional.cross_entropy`, `torch.nn.functional.nll_loss` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -92,6 +99,9 @@ def label_smoothed_cross_entropy(
         >>> logits = torch.tensor([[0.0, 0.0, math.log(2.0)]])  # p = [0.25, 0.25, 0.5]
         >>> label_smoothed_cross_entropy(logits, torch.tensor([2]), 0.3)  # 0.7*0.693 + 0.3*1.155
         tensor(0.8318)
+
+    Off limits: `torch.nn.functional.cross_entropy`, `torch.nn.functional.nll_loss` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -113,6 +123,10 @@ def warmup_cosine_lr(
         >>> [round(warmup_cosine_lr(s, max_lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=4), 3)
         ...  for s in range(6)]
         [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]
+
+    Off limits: `torch.optim.lr_scheduler.LRScheduler`, `minillm.engines.common.lr_at`,
+    `minillm.engines.common.lr_schedule` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -134,6 +148,10 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float
         >>> a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
         >>> clip_grad_norm([a, b], max_norm=1.0), a.grad, b.grad  # norm 5: both scaled by 1/5
         (5.0, tensor([0.6000]), tensor([0.8000]))
+
+    Off limits: `torch.nn.utils.clip_grad_norm_`, `torch.nn.utils.get_total_norm`,
+    `torch.nn.utils.clip_grads_with_norm_` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -204,6 +222,9 @@ def adamw_step(
         >>> adamw_step(p, torch.tensor([0.5, 0.5]), m, v, 1, lr=0.1, weight_decay=0.0)
         >>> p  # the first step moves each weight by lr against the sign of its gradient
         tensor([ 0.9000, -1.1000])
+
+    Off limits: `torch.optim.AdamW.step`, `torch.optim.Adam.step`, `torch.optim.adamw.adamw` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -226,6 +247,9 @@ def decay_param_names(model: nn.Module) -> tuple[set[str], set[str]]:
         >>> decay, no_decay = decay_param_names(model)
         >>> sorted(decay), sorted(no_decay)
         (['2.weight'], ['0.weight', '1.bias', '1.weight', '2.bias'])
+
+    Off limits: `minillm.model.GPT.param_groups` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 

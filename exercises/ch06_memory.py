@@ -31,6 +31,9 @@ def gpt_parameter_count(config: GPTConfig) -> int:
 
     Example: GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=2) has
     20 + 8 + 1 * 78 + 4 = 110 parameters (a block of C = 2 has 8 + 24 + 46 = 78).
+
+    Off limits: `minillm.model.GPT`, `minillm.memory.parameter_count` (this exercise asks
+    you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -45,6 +48,9 @@ def training_memory_bytes(n_params: int, precision: str) -> int:
     Any other name raises ValueError.
 
     Example: training_memory_bytes(1000, "fp16") == 16000.
+
+    Off limits: `minillm.memory.model_state_bytes` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -56,6 +62,9 @@ def gpt3_memory_report(n_params: float = 175e9) -> dict[str, float]:
 
     Example: gpt3_memory_report(1e9) == {"weights": 4.0, "gradients": 4.0, "adam": 8.0,
     "total": 16.0}; for GPT-3's 175e9 parameters the weights alone are 700 GB.
+
+    Off limits: `minillm.memory.gpt3_report` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -69,6 +78,9 @@ def bytes_to_human(n_bytes: float, binary: bool = False) -> str:
 
     Example: bytes_to_human(700e9) == "700.0 GB"; bytes_to_human(700e9, binary=True) ==
     "651.9 GiB"; bytes_to_human(1536, binary=True) == "1.5 KiB".
+
+    Off limits: `minillm.memory.bytes_to_human` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -88,6 +100,10 @@ def activation_bytes_per_layer(batch_size: int, seq_len: int, n_embd: int, n_hea
     `torch.autograd.graph.saved_tensors_hooks`.
 
     Example: activation_bytes_per_layer(1, 1, 2, 1) == 4 * (20 * 2 + 4 + 1) == 180.
+
+    Off limits: `minillm.memory.activation_bytes_per_layer`, `minillm.memory.activation_bytes`,
+    `minillm.memory.saved_activation_bytes`, `minillm.model.Block` (this exercise asks you
+    to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -102,6 +118,9 @@ def fp16_underflow_fraction(grads: Iterable[Tensor], scale: float = 1.0) -> floa
 
     Example: fp16_underflow_fraction([torch.tensor([1e-9, 1e-3, 0.0])]) == 0.5, and with
     scale=2.0**16 it is 0.0.
+
+    Off limits: `minillm.memory.fp16_cast_report` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -112,6 +131,9 @@ class DynamicLossScaler:
     The loss is multiplied by `scale` before backward; the optimizer step then sees gradients
     divided by it again. `update(found_inf)` is called once per step with whether any gradient
     was inf or NaN.
+
+    Off limits: `minillm.memory.DynamicLossScaler`, `torch.amp.GradScaler` (this
+    exercise asks you to write it; a call fails the test).
     """
 
     def __init__(

@@ -30,6 +30,9 @@ def ring_schedule(rank: int, world_size: int, step: int) -> tuple[int, int]:
 
     >>> [ring_schedule(0, 3, s) for s in range(4)]
     [(0, 2), (2, 1), (1, 0), (0, 2)]
+
+    Off limits: `minillm.parallel.collectives.ring_schedule` (this exercise asks you to write it; a
+    call fails the test).
     """
     raise NotImplementedError
 
@@ -65,6 +68,9 @@ def shard_batch(batch: Tensor, rank: int, world_size: int) -> Tensor:
 
     >>> shard_batch(torch.arange(6), 1, 3)
     tensor([2, 3])
+
+    Off limits: `minillm.parallel.ddp.shard_batch` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -77,6 +83,9 @@ def make_buckets(sizes_bytes: list[int], cap_bytes: int) -> list[list[int]]:
 
     >>> make_buckets([40, 1200, 80, 120, 160], 960)
     [[4, 3, 2], [1], [0]]
+
+    Off limits: `minillm.parallel.ddp.make_buckets` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 

@@ -28,6 +28,10 @@ def column_parallel_outputs(x: Tensor, weight: Tensor, bias: Tensor, parts: int)
         >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # out=4, in=2
         >>> column_parallel_outputs(torch.tensor([[1.0, 2.0]]), w, torch.zeros(4), 2)
         [tensor([[1., 2.]]), tensor([[3., 2.]])]
+
+    Off limits: `minillm.parallel.tensor.shard`,
+    `minillm.parallel.tensor.ColumnParallelLinear` (this exercise asks you to write it; a
+    call fails the test).
     """
     raise NotImplementedError
 
@@ -44,6 +48,10 @@ def row_parallel_outputs(x: Tensor, weight: Tensor, bias: Tensor, parts: int) ->
         >>> w = torch.tensor([[1.0, 1.0], [0.0, 2.0]])  # out=2, in=2
         >>> row_parallel_outputs(torch.tensor([[1.0, 3.0]]), w, torch.tensor([10.0, 0.0]), 2)
         [tensor([[11.,  0.]]), tensor([[3., 6.]])]
+
+    Off limits: `minillm.parallel.tensor.shard`,
+    `minillm.parallel.tensor.RowParallelLinear` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -56,6 +64,9 @@ def split_layers(n_layer: int, stages: int) -> list[tuple[int, int]]:
     Example:
         >>> split_layers(5, 3)
         [(0, 2), (2, 4), (4, 5)]
+
+    Off limits: `minillm.parallel.pipeline.split_layers` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -67,6 +78,9 @@ def gpipe_schedule(stages: int, micro_batches: int) -> list[list[tuple[str, int]
     Example:
         >>> gpipe_schedule(2, 2)
         [[('F', 0), ('F', 1), ('B', 0), ('B', 1)], [('F', 0), ('F', 1), ('B', 0), ('B', 1)]]
+
+    Off limits: `minillm.parallel.pipeline.schedule` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -80,6 +94,9 @@ def one_f_one_b_schedule(stages: int, micro_batches: int) -> list[list[tuple[str
         >>> one_f_one_b_schedule(2, 3)
         [[('F', 0), ('F', 1), ('B', 0), ('F', 2), ('B', 1), ('B', 2)],
          [('F', 0), ('B', 0), ('F', 1), ('B', 1), ('F', 2), ('B', 2)]]
+
+    Off limits: `minillm.parallel.pipeline.schedule` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -92,6 +109,9 @@ def bubble_fraction(stages: int, micro_batches: int) -> float:
     Example:
         >>> bubble_fraction(4, 12)  # 3 / 15
         0.2
+
+    Off limits: `minillm.parallel.pipeline.bubble_fraction` (this exercise asks you to write it; a
+    call fails the test).
     """
     raise NotImplementedError
 
@@ -103,6 +123,9 @@ def grid_coords(rank: int, tensor: int, pipeline: int, data: int) -> tuple[int, 
     Example:
         >>> grid_coords(5, tensor=2, pipeline=2, data=2)  # 5 = (1 * 2 + 0) * 2 + 1
         (1, 0, 1)
+
+    Off limits: `minillm.parallel.layout.Layout.coords` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -114,6 +137,9 @@ def group_ranks(rank: int, kind: str, tensor: int, pipeline: int, data: int) -> 
     Example:
         >>> group_ranks(5, "data", tensor=2, pipeline=2, data=2)
         [5, 7]
+
+    Off limits: `minillm.parallel.layout.Layout.group_of` (this exercise asks you to write it; a
+    call fails the test).
     """
     raise NotImplementedError
 

@@ -28,6 +28,9 @@ def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 
     >>> [shard_range(10, r, 4) for r in range(4)]
     [(0, 3), (3, 6), (6, 9), (9, 12)]
+
+    Off limits: `minillm.parallel.zero.shard_range` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -44,6 +47,9 @@ def bytes_per_rank(
 
     >>> bytes_per_rank(1000, 1, 4, "bf16")
     {'parameters': 2000, 'gradients': 2000, 'optimizer': 3000}
+
+    Off limits: `minillm.parallel.zero.zero_state_bytes` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -56,6 +62,9 @@ def max_params(memory_bytes: float, stage: int, world_size: int, precision: str 
     5000000000
     >>> max_params(80e9, 3, 8)  # 16 / 8 = 2 bytes a parameter on each rank
     40000000000
+
+    Off limits: `minillm.parallel.zero.zero_state_bytes` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -108,5 +117,8 @@ def deepspeed_config(
 
     >>> deepspeed_config(2, 4, 1, 2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)["train_batch_size"]
     8
+
+    Off limits: `minillm.engines.ds_config.prepare_config` (this exercise asks you to write it; a
+    call fails the test).
     """
     raise NotImplementedError

@@ -33,6 +33,9 @@ def sft_inputs_and_targets(
     token predicts the first response token, so it is learned.
 
     Example: sft_inputs_and_targets([1, 2, 3], [4, 5]) == ([1, 2, 3, 4], [-100, -100, 4, 5]).
+
+    Off limits: `minillm.finetune.sft_tokens` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -45,6 +48,9 @@ def pool_last_tokens(hidden: Tensor, lengths: Tensor) -> Tensor:
     sequence, which is why a classifier on a GPT reads it.
 
     Example: for lengths [2, 4], row 0 gives hidden[0, 1] and row 1 gives hidden[1, 3].
+
+    Off limits: `minillm.finetune.last_token_states` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
@@ -59,13 +65,20 @@ def lora_linear(
     Compute the update from A and B without forming the (out, in) matrix B @ A.
 
     Example: with B all zeros the result is exactly `torch.nn.functional.linear(x, weight, bias)`.
+
+    Off limits: `minillm.finetune.LoRALinear` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 
 
 def merge_lora_weight(weight: Tensor, A: Tensor, B: Tensor, alpha: float) -> Tensor:
     """The single weight `(out, in)` that computes the same as `lora_linear` (its bias unchanged):
-    the frozen weight plus the scaled update (alpha / r) B A. Do not change `weight` in place."""
+    the frozen weight plus the scaled update (alpha / r) B A. Do not change `weight` in place.
+
+    Off limits: `minillm.finetune.merge_lora` (this exercise asks you to write it; a call fails the
+    test).
+    """
     raise NotImplementedError
 
 
@@ -76,6 +89,9 @@ def lora_parameter_count(config: GPTConfig, r: int, targets: Sequence[str]) -> i
 
     Example: GPTConfig(n_layer=2, n_embd=8, n_head=2), r=2, targets ("q_proj", "v_proj") gives
     2 blocks x 2 layers x 2 x (8 + 8) = 128.
+
+    Off limits: `minillm.finetune.parameter_counts`, `minillm.finetune.add_lora` (this exercise asks
+    you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -96,5 +112,8 @@ def dpo_loss(
     and exact for margins of hundreds of nats.
 
     Example: when the policy equals the reference every pair's loss is log 2 = 0.6931.
+
+    Off limits: `minillm.finetune.dpo_loss` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError

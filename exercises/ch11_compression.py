@@ -26,6 +26,9 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 
     Example: logits whose softmax is [0.5, 0.3, 0.2] with top_p 0.7 keep the first two tokens
     (0.5 alone is not enough, 0.5 + 0.3 reaches 0.7) and set the third to -inf.
+
+    Off limits: `minillm.generate.filter_logits` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -39,6 +42,9 @@ def absmax_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
     Example: w = [0.5, -1.0, 0.25] gives scale 1/127 and q = [64, -127, 32] (63.5 rounds to the
     even 64, as torch.round does).
+
+    Off limits: `minillm.infer.quantize`, `torch.quantize_per_tensor` (this exercise asks you to
+    write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -59,6 +65,9 @@ def zeropoint_quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     divide by zero.
 
     The value that q stands for is (q - zero) * scale.
+
+    Off limits: `minillm.infer.quantize`, `torch.quantize_per_channel` (this exercise asks you to
+    write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -70,6 +79,9 @@ def magnitude_mask(w: Tensor, sparsity: float) -> Tensor:
 
     Example: magnitude_mask(tensor([0.3, -0.1, 0.2, -0.4]), 0.5) == tensor([True, False, False,
     True]).
+
+    Off limits: `minillm.infer.magnitude_prune`, `torch.nn.utils.prune.l1_unstructured` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -88,6 +100,9 @@ def distillation_loss(
     `student_logits` and `teacher_logits` are `(N, V)`, `targets` `(N,)` the data's token ids;
     KL and the cross-entropy CE(student_logits, targets) (at temperature 1) are both averaged
     over the N positions. T^2 keeps the soft term's gradient on the scale of the hard term's.
+
+    Off limits: `minillm.infer.distillation_loss` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError
 
@@ -98,6 +113,9 @@ def low_rank_factors(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
     Use the singular value decomposition w = U diag(S) V^T (torch.linalg.svd); the split of S
     between A and B is your choice. `rank` is at most min(out, in).
+
+    Off limits: `minillm.infer.low_rank` (this exercise asks you to write it; a call fails the
+    test).
     """
     raise NotImplementedError
 
@@ -113,5 +131,8 @@ def speculative_accept(p: Tensor, q: Tensor, drafted: Tensor, u: Tensor, r: Tens
     exceeds r.
 
     Whatever q is, the tokens returned are distributed as p.
+
+    Off limits: `minillm.infer.speculative_accept` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError

@@ -55,6 +55,7 @@ def _message(report) -> str:
     """The failure's own message: the assertion and its explanation, or the exception."""
     crash = getattr(report.longrepr, "reprcrash", None)
     text = crash.message if crash is not None else str(report.longrepr)
+    text = text.removeprefix("minillm.grading.remote.CodeUnderTestError: ")
     lines = text.strip().splitlines()
     return "\n".join(lines[:12])[:1500]
 

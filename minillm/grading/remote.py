@@ -19,6 +19,7 @@ import pickle
 import shutil
 import site
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -196,6 +197,7 @@ class RemoteObject:
         object.__setattr__(self, "_type_name", type_name)
 
     def __getattr__(self, name: str):
+        __tracebackhide__ = True  # the student's traceback is the one to read
         if name.startswith("__"):
             raise AttributeError(name)
         return self._session.request(("getattr", self._ident, name))
@@ -204,6 +206,7 @@ class RemoteObject:
         raise AttributeError("objects of the code under test are read-only from the tests")
 
     def __call__(self, *args, **kwargs):
+        __tracebackhide__ = True
         return self._session.request(("call", self._ident, args, kwargs), args, kwargs)
 
     def __reduce__(self):
@@ -229,6 +232,7 @@ class RemoteModule(RemoteObject):
         objects there (autograd, processes started with `launch`): `helper` is a function of
         a module in tests/exercises and must return plain data, which the trusted test then
         checks against its own reference."""
+        __tracebackhide__ = True
         return self._session.request(("helper", helper, args, kwargs))
 
 
@@ -270,6 +274,7 @@ class WorkerSession:
 
     def request(self, message: tuple, args=(), kwargs=None):
         """Send one request; return its answer or raise what the code under test raised."""
+        __tracebackhide__ = True
         if self.ended:
             raise CodeUnderTestError(self.ended)
         try:
@@ -302,6 +307,7 @@ class WorkerSession:
         )
 
     def _answer(self, reply: tuple, args, kwargs):
+        __tracebackhide__ = True
         if reply[0] == "ok" and len(reply) == 3:
             _, value, states = reply
             if isinstance(states, tuple) and len(states) == 2:
@@ -325,6 +331,7 @@ class WorkerSession:
 
     def start(self) -> RemoteModule:
         """Wait for the worker to import the module: the proxy, or the import's exception."""
+        __tracebackhide__ = True
         try:
             reply = self._receive()
         except TimeoutError:
@@ -354,25 +361,36 @@ class WorkerSession:
         finally:
             self.sandbox.kill_workers()
 
-    def output(self) -> str:
-        """What the code under test printed (the start and the end when there is much)."""
+    def finish(self) -> str:
+        """Kill the worker, remove its folder; what the code under test printed (the start and
+        the end when there is much)."""
+        self.close()
+        text = self._output()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return text
+
+    def _output(self) -> str:
+        # The worker owns its folder: never follow a link it left, nor block on a FIFO.
         path = self.folder / "output.txt"
         try:
-            size = path.stat().st_size
-            with path.open("rb") as f:
-                head = f.read(OUTPUT_KEPT // 4)
-                if size > OUTPUT_KEPT:
-                    f.seek(size - 3 * OUTPUT_KEPT // 4)
-                    tail = f.read()
-                    text = head.decode(errors="replace") + (
-                        f"\n[... {size - OUTPUT_KEPT:,} bytes left out ...]\n"
-                        + tail.decode(errors="replace")
-                    )
-                else:
-                    text = (head + f.read()).decode(errors="replace")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return ""
-        return text
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return "(the code under test replaced its output file)"
+            head = f.read(OUTPUT_KEPT // 4)
+            if info.st_size <= OUTPUT_KEPT:
+                return (head + f.read()).decode(errors="replace")
+            f.seek(info.st_size - 3 * OUTPUT_KEPT // 4)
+            tail = f.read(OUTPUT_KEPT)
+        left_out = info.st_size - len(head) - len(tail)
+        return (
+            head.decode(errors="replace")
+            + f"\n[... {left_out:,} bytes left out ...]\n"
+            + tail.decode(errors="replace")
+        )
 
 
 class Sandbox:

@@ -371,11 +371,14 @@ def zygote(control_fd: int, root: str, preimports: list[str]) -> None:
     isolation.die_with_parent()
     isolation.become_subreaper()  # a worker's orphans stay below the zygote, to be killed
     sys.path.insert(0, root)
-    for name in preimports:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a library that fails to import is imported by no one
-            pass
+    for name in preimports:  # "pkg.module" or "pkg.module.Class.method": import the module
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                importlib.import_module(".".join(parts[:cut]))
+                break
+            except Exception:  # noqa: BLE001 - not a module (or a library that fails to import)
+                continue
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers and orphans: reaped by the kernel
     control = socket.socket(fileno=control_fd)
     control.sendall(b"ready")

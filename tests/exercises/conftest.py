@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
     if graded and _SANDBOX not in config.stash:
         # Started now, so the zygote imports its libraries while the first test gets ready.
         off_limits = {
-            name.rsplit(".", 1)[0]
+            name
             for item in graded
             for names in getattr(item.module, "OFF_LIMITS", {}).values()
             for name in names
@@ -84,8 +84,7 @@ def impl(request):
     yield load
     violations = []
     for session in sessions:
-        session.close()
-        if output := session.output().strip():
+        if output := session.finish().strip():
             request.node.add_report_section("teardown", "output of the code under test", output)
         if session.violations:
             violations.append(session.violation_text())

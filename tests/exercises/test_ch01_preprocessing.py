@@ -14,6 +14,28 @@ import pytest
 from scipy import stats
 from scipy.ndimage import gaussian_filter1d
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "zscore": ("scipy.stats.zscore", "minillm.preprocess.zscore"),
+    "max_abs_zscore": ("minillm.preprocess.max_abs_zscore",),
+    "iqr_fences": ("numpy.percentile", "numpy.quantile", "minillm.preprocess.iqr_fences"),
+    "modified_zscore": (
+        "scipy.stats.median_abs_deviation",
+        "minillm.preprocess.modified_zscore",
+    ),
+    "gaussian_kernel": ("scipy.ndimage.gaussian_filter1d", "minillm.preprocess.gaussian_kernel"),
+    "centered_moving_average": (
+        "pandas.Series.rolling",
+        "pandas.DataFrame.rolling",
+        "minillm.preprocess.moving_average",
+    ),
+    "normalize_text": ("minillm.preprocess.normalize_text",),
+    "linear_interpolate": ("pandas.Series.interpolate", "pandas.DataFrame.interpolate"),
+    "char_ngram_jaccard": ("minillm.preprocess.jaccard", "minillm.preprocess.shingles"),
+    "regression_impute": ("minillm.preprocess.regression_impute",),
+}
+
 F64 = {"atol": 1e-12, "rtol": 0.0}
 FIT = {"atol": 1e-9, "rtol": 0.0}
 SEED_LIST = [10, 12, 12, 13, 12, 100]

@@ -15,6 +15,20 @@ import torch
 from minillm import data
 from minillm.tokenizer import BPETokenizer, learn_merges, pretokenize
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "merge_pair": ("minillm.tokenizer._merge",),
+    "train_bpe": (
+        "minillm.tokenizer.learn_merges",
+        "minillm.tokenizer.BPETokenizer.train",
+        "minillm.tokenizer.train_hf_bpe",
+    ),
+    "encode": ("minillm.tokenizer.BPETokenizer.encode",),
+    "decode": ("minillm.tokenizer.BPETokenizer.decode",),
+    "train_val_split": ("minillm.data.train_val_split",),
+}
+
 CHAPTER = "ch02_tokenization"
 SAMPLE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -12,6 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "stable_softmax": (
+        "torch.softmax",
+        "torch.nn.functional.softmax",
+        "torch.Tensor.softmax",
+        "torch.special.softmax",
+    ),
+    "causal_mask": ("minillm.attention.causal_mask",),
+    "padding_mask": ("minillm.attention.padding_mask",),
+    "scaled_dot_product_attention": (
+        "torch.nn.functional.scaled_dot_product_attention",
+        "minillm.attention.scaled_dot_product_attention",
+    ),
+    "split_heads": ("minillm.attention.split_heads",),
+    "merge_heads": ("minillm.attention.merge_heads",),
+    "multi_head_attention": (
+        "torch.nn.functional.multi_head_attention_forward",
+        "torch.nn.functional.scaled_dot_product_attention",
+        "minillm.attention.scaled_dot_product_attention",
+        "minillm.attention.MultiHeadAttention.forward",
+    ),
+}
+
 F64 = {"atol": 1e-12, "rtol": 0.0}
 
 

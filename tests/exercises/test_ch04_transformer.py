@@ -18,6 +18,25 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from minillm.model import GPT, GPTConfig
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "layer_norm": ("torch.nn.functional.layer_norm", "torch.layer_norm"),
+    "sinusoidal_positions": ("minillm.encoders.sinusoidal_positions",),
+    "apply_rotary": ("minillm.model.apply_rotary", "minillm.model.rotary_cos_sin"),
+    "rotary_attention": ("minillm.model.apply_rotary", "minillm.model.rotary_cos_sin"),
+    "gpt_block": ("minillm.model.Block.forward",),
+    "gpt_parameter_count": (
+        "minillm.model.GPT.__init__",
+        "minillm.memory.parameter_count",
+    ),
+    "mask_tokens": ("minillm.encoders.mask_tokens",),
+    "cross_attention": (
+        "torch.nn.functional.multi_head_attention_forward",
+        "torch.nn.MultiheadAttention.forward",
+    ),
+}
+
 F64 = {"atol": 1e-10, "rtol": 0.0}
 
 

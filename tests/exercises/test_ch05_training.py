@@ -15,6 +15,39 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from minillm.model import GPT, GPTConfig
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "cross_entropy": (
+        "torch.nn.functional.cross_entropy",
+        "torch.nn.functional.nll_loss",
+        "torch.nn.functional.log_softmax",
+        "torch.log_softmax",
+        "torch.Tensor.log_softmax",
+    ),
+    "perplexity": ("torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss"),
+    "label_smoothed_cross_entropy": (
+        "torch.nn.functional.cross_entropy",
+        "torch.nn.functional.nll_loss",
+    ),
+    "warmup_cosine_lr": (
+        "torch.optim.lr_scheduler.LRScheduler.__init__",
+        "minillm.engines.common.lr_at",
+        "minillm.engines.common.lr_schedule",
+    ),
+    "clip_grad_norm": (
+        "torch.nn.utils.clip_grad_norm_",
+        "torch.nn.utils.get_total_norm",
+        "torch.nn.utils.clip_grads_with_norm_",
+    ),
+    "adamw_step": (
+        "torch.optim.AdamW.step",
+        "torch.optim.Adam.step",
+        "torch.optim.adamw.adamw",
+    ),
+    "decay_param_names": ("minillm.model.GPT.param_groups",),
+}
+
 F64 = {"atol": 1e-12, "rtol": 0.0}
 HAND = {"atol": 1e-9, "rtol": 0.0}
 

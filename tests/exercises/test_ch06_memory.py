@@ -13,6 +13,29 @@ import torch
 
 from minillm.model import GPT, Block, GPTConfig
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "gpt_parameter_count": (
+        "minillm.model.GPT.__init__",
+        "minillm.memory.parameter_count",
+    ),
+    "training_memory_bytes": ("minillm.memory.model_state_bytes",),
+    "gpt3_memory_report": ("minillm.memory.gpt3_report",),
+    "bytes_to_human": ("minillm.memory.bytes_to_human",),
+    "activation_bytes_per_layer": (
+        "minillm.memory.activation_bytes_per_layer",
+        "minillm.memory.activation_bytes",
+        "minillm.memory.saved_activation_bytes",
+        "minillm.model.Block.__init__",
+    ),
+    "fp16_underflow_fraction": ("minillm.memory.fp16_cast_report",),
+    "DynamicLossScaler": (
+        "minillm.memory.DynamicLossScaler.__init__",
+        "torch.amp.GradScaler.__init__",
+    ),
+}
+
 
 def grads_of_a_real_gpt(config, seed=0):
     torch.manual_seed(seed)

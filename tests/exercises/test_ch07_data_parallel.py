@@ -13,6 +13,14 @@ from torch import nn
 
 from tests.exercises import in_worker
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "ring_schedule": ("minillm.parallel.collectives.ring_schedule",),
+    "shard_batch": ("minillm.parallel.ddp.shard_batch",),
+    "make_buckets": ("minillm.parallel.ddp.make_buckets",),
+}
+
 F64 = {"atol": 1e-12, "rtol": 0.0}
 
 
@@ -93,7 +101,8 @@ def test_ring_all_reduce(impl):
     assert len(ranks) == 3
     for rank, (results, all_reduce_calls) in enumerate(ranks):
         assert all_reduce_calls == 0, (
-            "ring_all_reduce must be built from isend/irecv, not dist.all_reduce"
+            "ring_all_reduce must be built from isend/irecv, not dist.all_reduce or "
+            "minillm.parallel.collectives.ring_all_reduce"
         )
         for n, got in zip(lengths, results, strict=True):
             expected = sum(in_worker.ring_input(r, n) for r in range(3))

@@ -11,6 +11,25 @@ import torch.nn.functional as F
 from minillm.parallel.layout import Coords, Layout
 from minillm.parallel.pipeline import schedule, split_layers
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "column_parallel_outputs": (
+        "minillm.parallel.tensor.shard",
+        "minillm.parallel.tensor.ColumnParallelLinear.__init__",
+    ),
+    "row_parallel_outputs": (
+        "minillm.parallel.tensor.shard",
+        "minillm.parallel.tensor.RowParallelLinear.__init__",
+    ),
+    "split_layers": ("minillm.parallel.pipeline.split_layers",),
+    "gpipe_schedule": ("minillm.parallel.pipeline.schedule",),
+    "one_f_one_b_schedule": ("minillm.parallel.pipeline.schedule",),
+    "bubble_fraction": ("minillm.parallel.pipeline.bubble_fraction",),
+    "grid_coords": ("minillm.parallel.layout.Layout.coords",),
+    "group_ranks": ("minillm.parallel.layout.Layout.group_of",),
+}
+
 F64 = {"atol": 1e-12, "rtol": 0.0}
 
 

@@ -13,6 +13,15 @@ from minillm.engines import ds_config
 from minillm.train_config import OptimConfig, TrainConfig
 from tests.exercises import in_worker
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "shard_range": ("minillm.parallel.zero.shard_range",),
+    "bytes_per_rank": ("minillm.parallel.zero.zero_state_bytes",),
+    "max_params": ("minillm.parallel.zero.zero_state_bytes",),
+    "deepspeed_config": ("minillm.engines.ds_config.prepare_config",),
+}
+
 
 @pytest.mark.points(2)
 def test_shard_range(impl):

@@ -16,6 +16,17 @@ from torch import nn
 from minillm.model import GPT, GPTConfig
 from tests.exercises import in_worker
 
+# What each exercise must not call: the library function it asks you to write (a call fails
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+OFF_LIMITS = {
+    "sft_inputs_and_targets": ("minillm.finetune.sft_tokens",),
+    "pool_last_tokens": ("minillm.finetune.last_token_states",),
+    "lora_linear": ("minillm.finetune.LoRALinear.__init__",),
+    "merge_lora_weight": ("minillm.finetune.merge_lora",),
+    "lora_parameter_count": ("minillm.finetune.parameter_counts", "minillm.finetune.add_lora"),
+    "dpo_loss": ("minillm.finetune.dpo_loss",),
+}
+
 
 class _OneLayer(nn.Module):
     def __init__(self, fan_in, fan_out, bias):
