@@ -461,13 +461,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def finetune_state_bytes(model: nn.Module, precision: str = "fp32") -> dict[str, int]:
-    """Bytes of training state for fine-tuning `model` with AdamW, activations left out: every
-    weight is held, frozen or not; only the trainable ones add chapter 06's gradient, master copy
-    and Adam moments (`minillm.memory.model_state_bytes`)."""
+    """Bytes of training state for fine-tuning `model` with AdamW by `minillm.memory`'s
+    `STATE_PARTS`, activations left out: every weight is held, frozen or not; only the trainable
+    ones add chapter 06's gradient, master copy and Adam moments (`model_state_bytes`)."""
     trainable, total = parameter_counts(model)
     state = model_state_bytes(trainable, precision)
-    return {
-        "weights": bytes_per_value(precision) * total,
-        "gradients": state.gradients,
-        "optimizer": state.master_weights + state.adam_m + state.adam_v,
-    }
+    return {**state.as_dict(), "parameters": bytes_per_value(precision) * total}

@@ -4,7 +4,8 @@ Read it top to bottom:
 
 1. the number formats: bytes per value, fp16's and bf16's limits, bytes printed as GB or GiB;
 2. model state: parameters counted from a `GPTConfig` (a tied lm_head counted once), and the bytes
-   of weights, gradients, master weights and Adam's two moments, fp32 or mixed precision;
+   of its four parts (`STATE_PARTS`, the names every memory figure of the package uses:
+   `parameters`, `gradients`, `master_weights`, `optimizer_states`), fp32 or mixed precision;
 3. activations: the tensors autograd saves for backward in one forward of the course GPT, per block,
    with and without activation checkpointing, and how to measure them;
 4. mixed precision: fp16 underflow/overflow of real gradients and a dynamic loss scaler.
@@ -29,7 +30,7 @@ from minillm.model import GPT, GPTConfig
 # 1. Number formats
 # ---------------------------------------------------------------------------------------------
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # the names minillm.train's `precision` option takes
+PRECISIONS = ("fp32", "bf16", "fp16")  # the names TrainConfig's `precision` option takes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP16_MAX = torch.finfo(torch.float16).max  # 65504: anything larger becomes inf
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal; below half of it a value rounds to 0
@@ -122,27 +123,35 @@ def parameter_count(config: GPTConfig) -> int:
     return total
 
 
+# The parts of model state, in this order, in every memory figure of minillm (this module, the
+# ZeRO census and prediction, DeepSpeed's census, fine-tuning costs).
+STATE_PARTS = ("parameters", "gradients", "master_weights", "optimizer_states")
+
+
 @dataclass(frozen=True)
 class ModelStateBytes:
     """Bytes a training step keeps for the whole run, whatever the batch."""
 
-    weights: int  # the weights the forward pass reads (fp32, or the fp16/bf16 copy)
+    parameters: int  # the weights the forward pass reads (fp32, or the fp16/bf16 copy)
     gradients: int  # one gradient per weight, in the weights' format
-    master_weights: int  # fp32 copy that the optimizer updates (mixed precision only)
-    adam_m: int  # Adam's first moment (running mean of gradients), fp32
-    adam_v: int  # Adam's second moment (running mean of squared gradients), fp32
+    master_weights: int  # the fp32 copy the optimizer updates, where it is not the parameters
+    optimizer_states: int  # Adam's two moments m and v (running means of g and g^2), fp32
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.master_weights + self.adam_m + self.adam_v
+        return self.parameters + self.gradients + self.master_weights + self.optimizer_states
+
+    def as_dict(self) -> dict[str, int]:
+        return {part: getattr(self, part) for part in STATE_PARTS}
 
 
 def model_state_bytes(n_params: int, precision: str = "fp32") -> ModelStateBytes:
-    """Weights, gradients, master weights and Adam moments for `n_params` parameters.
+    """Parameters, gradients, master weights and Adam's two moments (optimizer states) for
+    `n_params` parameters.
 
-    fp32: 4 + 4 + 0 + 4 + 4 = 16 bytes per parameter. Mixed precision (bf16 or fp16, the layout
+    fp32: 4 + 4 + 0 + (4 + 4) = 16 bytes per parameter. Mixed precision (bf16 or fp16, the layout
     of Megatron, DeepSpeed and the ZeRO paper): 2-byte weights and gradients for the forward and
-    backward passes, plus an fp32 master copy and fp32 moments, 2 + 2 + 4 + 4 + 4 = 16 bytes
+    backward passes, plus an fp32 master copy and fp32 moments, 2 + 2 + 4 + (4 + 4) = 16 bytes
     too. The master copy is not optional: an update lr * step is often smaller than the gap
     between neighbouring fp16/bf16 values, and added to a 2-byte weight it would be lost.
 
@@ -153,20 +162,20 @@ def model_state_bytes(n_params: int, precision: str = "fp32") -> ModelStateBytes
     n = int(n_params)
     half = bytes_per_value(precision) == 2
     low = 2 * n if half else 4 * n
-    return ModelStateBytes(low, low, 4 * n if half else 0, 4 * n, 4 * n)
+    return ModelStateBytes(low, low, 4 * n if half else 0, 8 * n)
 
 
 GPT3_PARAMETERS = 175e9
 
 
 def gpt3_report() -> dict[str, float]:
-    """The seed's GPT-3 figures, recomputed for 175e9 parameters, in bytes: fp32 weights alone
-    (700 GB), weights + gradients + Adam's two moments in fp32 (2.8 TB), and mixed-precision
-    Adam's 16 bytes per parameter (2.8 TB as well). Activations come on top."""
+    """The seed's GPT-3 figures, recomputed for 175e9 parameters, in bytes: fp32 parameters
+    alone (700 GB), with Adam's two moments (2.1 TB), with gradients too (2.8 TB), and
+    mixed-precision Adam's 16 bytes per parameter (2.8 TB as well). Activations come on top."""
     fp32 = model_state_bytes(int(GPT3_PARAMETERS), "fp32")
     return {
-        "weights_fp32": fp32.weights,
-        "weights_and_adam_fp32": fp32.weights + fp32.adam_m + fp32.adam_v,
+        "parameters_fp32": fp32.parameters,
+        "parameters_and_optimizer_states_fp32": fp32.parameters + fp32.optimizer_states,
         "training_fp32": fp32.total,
         "training_mixed": model_state_bytes(int(GPT3_PARAMETERS), "bf16").total,
     }
@@ -178,16 +187,18 @@ def tensor_bytes(tensors: Iterable[Tensor | None]) -> int:
 
 
 def measured_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """What the tensors of `model` and an Adam-type `optimizer` really hold: `weights`,
-    `gradients` (after a backward) and Adam's `adam_m`/`adam_v` (`exp_avg`, `exp_avg_sq`, after
-    a first step). torch also keeps a `step` counter per parameter tensor, 4 bytes each: `other`."""
+    """What the tensors of `model` and an Adam-type `optimizer` stepping the model's own
+    parameters really hold, by `STATE_PARTS`: `parameters`, `gradients` (after a backward), no
+    `master_weights` (the optimizer updates the parameters themselves) and the
+    `optimizer_states` `exp_avg` and `exp_avg_sq` (after a first step). torch also keeps a
+    `step` counter per parameter tensor, 4 bytes each: `other`."""
     state = optimizer.state.values()
     moments = {"exp_avg", "exp_avg_sq"}
     return {
-        "weights": tensor_bytes(model.parameters()),
+        "parameters": tensor_bytes(model.parameters()),
         "gradients": tensor_bytes(p.grad for p in model.parameters()),
-        "adam_m": tensor_bytes(s.get("exp_avg") for s in state),
-        "adam_v": tensor_bytes(s.get("exp_avg_sq") for s in state),
+        "master_weights": 0,
+        "optimizer_states": tensor_bytes(s.get(k) for s in state for k in moments),
         "other": tensor_bytes(
             v for s in state for k, v in s.items() if k not in moments and isinstance(v, Tensor)
         ),
@@ -316,14 +327,11 @@ def memory_breakdown(
     precision: str = "fp32",
     checkpointing: bool = False,
 ) -> dict[str, int]:
-    """Predicted bytes of one training step by component, for a bar chart: weights, gradients,
-    master weights, Adam's moments and activations."""
+    """Predicted bytes of one training step by component, for a bar chart: the `STATE_PARTS`
+    and the activations."""
     state = model_state_bytes(parameter_count(config), precision)
     return {
-        "weights": state.weights,
-        "gradients": state.gradients,
-        "master weights": state.master_weights,
-        "Adam m + v": state.adam_m + state.adam_v,
+        **state.as_dict(),
         "activations": activation_bytes(config, batch_size, seq_len, precision, checkpointing),
     }
 

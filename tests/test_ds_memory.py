@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minillm.engines import ds_memory
+from minillm.memory import STATE_PARTS
 from minillm.model import GPT, GPTConfig
 from minillm.parallel.launch import launch
 from minillm.parallel.zero import zero_state_bytes
@@ -70,7 +71,7 @@ def reports() -> list[dict]:
 
 
 def _census(report: dict, stage: int) -> dict[str, int]:
-    return {part: report[stage][part] for part in ds_memory.STATE_PARTS}
+    return {part: report[stage][part] for part in STATE_PARTS}
 
 
 def test_the_census_equals_the_exact_prediction_on_both_ranks(reports):
@@ -86,27 +87,22 @@ def test_each_stage_holds_less_and_zero3_holds_half_the_parameters(reports):
     assert totals == sorted(totals, reverse=True)  # ZeRO-1 and -2 tie at the step (see below)
     assert held[0]["parameters"] == 4 * N
     assert held[3]["parameters"] == held[0]["parameters"] // 2 == 4 * PART
-    assert held[0]["master weights"] == 0  # fp32 ZeRO-0: AdamW updates the model itself
-    assert [h["optimizer states"] for h in held] == [8 * N, 8 * PART, 8 * PART, 8 * PART]
+    assert held[0]["master_weights"] == 0  # fp32 ZeRO-0: AdamW updates the model itself
+    assert [h["optimizer_states"] for h in held] == [8 * N, 8 * PART, 8 * PART, 8 * PART]
 
 
 def test_the_differences_from_the_16_bytes_rule(reports):
-    """DeepSpeed minus the plain fp32 rule (4 + 4 + 8, sharded by stage): a 4-byte master copy
-    of the partition from ZeRO-1 on, and ZeRO-1's gradients already reduced to the partition
-    by the time the optimizer steps (it frees the full ones at the end of the backward)."""
+    """DeepSpeed minus the plain fp32 rule (4 + 4 + 0 + 8, sharded by stage): a 4-byte master
+    copy of the partition from ZeRO-1 on, and ZeRO-1's gradients already reduced to the
+    partition by the time the optimizer steps (it frees the full ones at the end of the
+    backward). Both sides speak `STATE_PARTS`."""
     extra = []
     for stage in STAGES:
         held = _census(reports[0], stage)
         rule = zero_state_bytes(N, stage, 2, "fp32")
-        extra.append(
-            {
-                "parameters": held["parameters"] - rule["parameters"],
-                "gradients": held["gradients"] - rule["gradients"],
-                "optimizer": held["master weights"] + held["optimizer states"] - rule["optimizer"],
-            }
-        )
-    none = {"parameters": 0, "gradients": 0, "optimizer": 0}
-    master = {**none, "optimizer": 4 * PART}
+        extra.append({part: held[part] - rule[part] for part in STATE_PARTS})
+    none = dict.fromkeys(STATE_PARTS, 0)
+    master = {**none, "master_weights": 4 * PART}
     assert extra == [none, {**master, "gradients": -4 * PART}, master, master]
 
 

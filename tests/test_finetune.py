@@ -347,14 +347,11 @@ def test_soft_prompt_starts_as_real_tokens_and_trains_only_its_vectors(gpt):
 
 def test_finetune_state_bytes(gpt):
     n = GPT(CONFIG).num_parameters()
-    assert ft.finetune_state_bytes(gpt) == {
-        "weights": 4 * n,
-        "gradients": 4 * n,
-        "optimizer": 8 * n,
-    }
+    parts = ("parameters", "gradients", "master_weights", "optimizer_states")
+    assert ft.finetune_state_bytes(gpt) == dict(zip(parts, (4 * n, 4 * n, 0, 8 * n), strict=True))
     ft.add_lora(gpt, r=2, alpha=4)
     t = 4 * 2 * 32
     fp32 = ft.finetune_state_bytes(gpt)
-    assert fp32 == {"weights": 4 * (n + t), "gradients": 4 * t, "optimizer": 8 * t}
+    assert fp32 == dict(zip(parts, (4 * (n + t), 4 * t, 0, 8 * t), strict=True))
     bf16 = ft.finetune_state_bytes(gpt, "bf16")
-    assert bf16 == {"weights": 2 * (n + t), "gradients": 2 * t, "optimizer": 12 * t}
+    assert bf16 == dict(zip(parts, (2 * (n + t), 2 * t, 4 * t, 8 * t), strict=True))

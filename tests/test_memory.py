@@ -37,10 +37,8 @@ def test_state_formula_matches_tensors_after_one_adamw_step(config):
     optimizer.step()
     measured = memory.measured_state_bytes(model, optimizer)
     predicted = memory.model_state_bytes(memory.parameter_count(config), "fp32")
-    assert measured["weights"] == predicted.weights
-    assert measured["gradients"] == predicted.gradients
-    assert measured["adam_m"] == predicted.adam_m
-    assert measured["adam_v"] == predicted.adam_v
+    assert {part: measured[part] for part in memory.STATE_PARTS} == predicted.as_dict()
+    assert predicted.optimizer_states == 2 * predicted.parameters  # m and v, 4 bytes each
     assert measured["other"] == 4 * len(list(model.parameters()))  # one fp32 step per tensor
 
 
@@ -77,19 +75,25 @@ def test_checkpointing_gives_the_same_gradients():
 
 def test_gpt3_figures_of_the_seed():
     report = memory.gpt3_report()
-    assert report["weights_fp32"] == 700e9  # 175e9 x 4 bytes
+    assert report["parameters_fp32"] == 700e9  # 175e9 x 4 bytes
+    assert report["parameters_and_optimizer_states_fp32"] == 2.1e12  # weights, m, v
     assert report["training_fp32"] == 2.8e12  # weights, gradients, m, v: 4 x 700 GB
     assert report["training_mixed"] == 2.8e12
-    assert memory.bytes_to_human(report["weights_fp32"]) == "700.0 GB"
-    assert memory.bytes_to_human(report["weights_fp32"], binary=True) == "651.9 GiB"
+    assert memory.bytes_to_human(report["parameters_fp32"]) == "700.0 GB"
+    assert memory.bytes_to_human(report["parameters_fp32"], binary=True) == "651.9 GiB"
 
 
 def test_sixteen_bytes_per_parameter():
     for precision in memory.PRECISIONS:
         assert memory.model_state_bytes(1000, precision).total == 16_000
     mixed = memory.model_state_bytes(1000, "fp16")
-    assert (mixed.weights, mixed.gradients, mixed.master_weights) == (2000, 2000, 4000)
-    assert (mixed.adam_m, mixed.adam_v) == (4000, 4000)
+    assert mixed.as_dict() == {
+        "parameters": 2000,
+        "gradients": 2000,
+        "master_weights": 4000,
+        "optimizer_states": 8000,
+    }
+    assert tuple(mixed.as_dict()) == memory.STATE_PARTS
 
 
 def test_bytes_to_human_units():

@@ -10,7 +10,7 @@ import pytest
 
 from minillm.engines import zero as zero_engine
 from minillm.errors import InputError
-from minillm.memory import model_state_bytes
+from minillm.memory import STATE_PARTS, model_state_bytes
 from minillm.model import GPT, GPTConfig
 from minillm.parallel import zero
 from minillm.parallel.launch import launch
@@ -61,7 +61,8 @@ def test_every_stage_matches_one_process_and_holds_what_the_formula_says():
             assert r["census"] == r["predicted"], (stage, r)  # exact, counted from the tensors
     held = reports[0]
     census = [held[s]["census"] for s in range(4)]
-    assert census[1]["optimizer"] * 2 == census[0]["optimizer"]
+    assert census[1]["optimizer_states"] * 2 == census[0]["optimizer_states"]
+    assert tuple(census[0]) == STATE_PARTS and census[0]["master_weights"] == 0  # fp32
     assert census[2]["gradients"] * 2 == census[1]["gradients"]
     assert census[3]["parameters"] * 2 == census[2]["parameters"]
 

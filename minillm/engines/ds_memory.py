@@ -9,8 +9,6 @@ import torch
 
 from minillm.model import GPT, GPTConfig
 
-STATE_PARTS = ("parameters", "gradients", "master weights", "optimizer states")
-
 
 def _storage_bytes(tensors) -> dict[int, int]:
     """{storage address: its bytes} of the non-empty tensors: views of one buffer count once."""
@@ -22,15 +20,16 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 
 def engine_state_bytes(engine) -> dict[str, int]:
-    """Bytes of model state this rank holds in a DeepSpeed engine, read from the engine's own
+    """Bytes of model state this rank holds in a DeepSpeed engine by `minillm.memory`'s
+    `STATE_PARTS`, read from the engine's own
     tensors between the backward pass and the optimizer step (a step pre-hook of the inner
     optimizer), when gradients and Adam's moments both exist:
 
     - parameters: the model's weights as this rank holds them (at ZeRO-3 its partitions);
     - gradients: the gradients left for the step (at ZeRO 1-3 only this rank's partition);
-    - master weights: the copy of the weights the optimizer updates where it is not the model's
+    - master_weights: the copy of the weights the optimizer updates where it is not the model's
       own (ZeRO 1-3 keep an fp32 partition even when the model is fp32 already);
-    - optimizer states: AdamW's exp_avg and exp_avg_sq (its step counters are left out).
+    - optimizer_states: AdamW's exp_avg and exp_avg_sq (its step counters are left out).
 
     The engine must have one parameter group: DeepSpeed steps its inner optimizer once per group,
     and the hook would see only one. Outside the census, ZeRO-3 also keeps a flat buffer its
@@ -49,8 +48,8 @@ def engine_state_bytes(engine) -> dict[str, int]:
     return {
         "parameters": sum(parameters.values()),
         "gradients": sum(gradients.values()),
-        "master weights": sum(master.values()),
-        "optimizer states": sum(moments.values()),
+        "master_weights": sum(master.values()),
+        "optimizer_states": sum(moments.values()),
     }
 
 
@@ -67,8 +66,8 @@ def deepspeed_state_bytes(n_params: int, stage: int, world_size: int) -> dict[st
     return {
         "parameters": 4 * (part if stage == 3 else n_params),
         "gradients": 4 * (part if sharded else n_params),
-        "master weights": 4 * part if sharded else 0,
-        "optimizer states": 8 * (part if sharded else n_params),
+        "master_weights": 4 * part if sharded else 0,
+        "optimizer_states": 8 * (part if sharded else n_params),
     }
 
 

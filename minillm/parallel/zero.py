@@ -46,19 +46,21 @@ def shard_range(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 def zero_state_bytes(
     n_params: int, stage: int, world_size: int, precision: str = "fp32"
 ) -> dict[str, int]:
-    """Predicted bytes per rank of `parameters`, `gradients` and `optimizer` states (fp32 master
-    weights in mixed precision, and Adam's m and v) at ZeRO `stage` over `world_size` ranks.
-    A sharded part holds `ceil(n_params / world_size)` values (the padding of `shard_range`)."""
+    """Predicted bytes per rank of each of `minillm.memory.STATE_PARTS` (the fp32 master
+    weights exist in mixed precision only; the optimizer states are Adam's m and v) at ZeRO
+    `stage` over `world_size` ranks. A sharded part holds `ceil(n_params / world_size)` values
+    (the padding of `shard_range`)."""
     if stage not in STAGES:
         raise InputError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
     require_positive(world_size, "world_size", integer=True)
     per = model_state_bytes(1, precision)  # bytes per parameter of each part
     shard = math.ceil(n_params / world_size)
+    optimizer_values = shard if stage >= 1 else n_params
     return {
-        "parameters": per.weights * (shard if stage >= 3 else n_params),
+        "parameters": per.parameters * (shard if stage >= 3 else n_params),
         "gradients": per.gradients * (shard if stage >= 2 else n_params),
-        "optimizer": (per.master_weights + per.adam_m + per.adam_v)
-        * (shard if stage >= 1 else n_params),
+        "master_weights": per.master_weights * optimizer_values,
+        "optimizer_states": per.optimizer_states * optimizer_values,
     }
 
 
@@ -373,8 +375,9 @@ class Zero:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def census(self) -> dict[str, int]:
-        """Bytes of parameters, gradients and optimizer states this rank holds right now,
-        counted from the storages of its tensors (views of one storage count once)."""
+        """Bytes this rank holds right now by `minillm.memory.STATE_PARTS`, counted from the
+        storages of its tensors (views of one storage count once). This ZeRO trains in fp32 and
+        steps its shards of the parameters themselves: it keeps no master weights."""
 
         def nbytes(tensors) -> int:
             storages = {
@@ -396,7 +399,8 @@ class Zero:
         return {
             "parameters": nbytes(params),
             "gradients": nbytes(grads),
-            "optimizer": nbytes(moments),
+            "master_weights": 0,
+            "optimizer_states": nbytes(moments),
         }
 
 
