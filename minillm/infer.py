@@ -4,12 +4,15 @@
 2. pruning: unstructured by magnitude, structured by attention head, whole layers dropped;
 3. knowledge distillation: the soft-target loss;
 4. weight sharing (ALBERT's cross-layer sharing) and low-rank approximation (truncated SVD);
-5. memory scheduling: running a model whose blocks live on disk, one block in memory at a time.
+5. memory scheduling: running a model whose blocks live on disk, one block in memory at a time;
+6. speculative decoding: a draft model proposes tokens, the target keeps its own distribution;
+7. training the chapter's models (plain, distilled, with LayerDrop), cached between runs.
 
 Decoding (temperature, top-k, top-p, stop tokens) and generation with a KV cache are
 `minillm.generate`.
 
-`evaluate_loss` and `model_bytes` measure what each method costs in quality and in size.
+`evaluate_loss`, `model_bytes` and `step_seconds` measure what each method costs in quality, size
+and time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from minillm.errors import InputError, require_positive, unknown_name
-from minillm.model import GPT
+from minillm.generate import filter_logits
+from minillm.model import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
 # 1. Quantisation
@@ -412,3 +417,249 @@ def evaluate_loss(
         logits = out[0] if isinstance(out, tuple) else out
         total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
     return total / n_batches
+
+
+@torch.no_grad()
+def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -> float:
+    """Seconds to compute the next token's logits when `position` tokens come before it (the
+    median of `repeats`): with the KV cache, one token's forward pass against `position`
+    cached keys and values; without, the forward pass of all `position + 1` tokens."""
+    import time
+
+    c = model.config
+    if not 0 <= position < c.block_size:
+        raise InputError(f"position must be in [0, block_size={c.block_size}), got {position}")
+    model.eval()
+    device = next(model.parameters()).device
+    idx = torch.randint(
+        0, c.vocab_size, (1, position + 1), generator=torch.Generator().manual_seed(0)
+    )
+    idx = idx.to(device)
+    cache = KVCache(c.n_layer)
+    if use_cache and position:
+        model(idx[:, :-1], cache=cache)
+    filled = list(cache.layers)
+    times = []
+    for _ in range(repeats):
+        cache.layers = list(filled)  # the same cache every time, not one a token longer
+        start = time.perf_counter()
+        if use_cache:
+            model(idx[:, -1:], cache=cache)
+        else:
+            model(idx)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Speculative decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def speculative_accept(
+    p: Tensor, q: Tensor, drafted: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The rejection rule of speculative sampling (Leviathan et al. and Chen et al., 2023) for N
+    independent positions: `p` and `q` `(N, V)` are the target's and the draft's probabilities
+    there and `drafted` `(N,)` tokens drawn from `q`. Each is kept with probability
+    min(1, p/q); a rejected one is replaced by a draw from max(0, p - q), renormalised.
+    Returns the tokens `(N,)` and whether each draft was accepted `(N,)`.
+
+    Whatever q is, the token that comes out is distributed exactly as p: the accepted part
+    gives min(p, q) and the resampled part the rest, p - min(p, q)."""
+    if p.shape != q.shape or p.dim() != 2 or drafted.shape != p.shape[:1]:
+        raise InputError(
+            f"p and q must be (N, V) and drafted (N,), got {tuple(p.shape)}, {tuple(q.shape)}, "
+            f"{tuple(drafted.shape)}"
+        )
+    rows = torch.arange(len(drafted))
+    ratio = p[rows, drafted] / q[rows, drafted]
+    accepted = torch.rand(len(drafted), generator=generator, device=p.device) < ratio
+    residual = (p - q).clamp(min=0)
+    # where p == q everywhere, the residual is zero and a draft is always accepted anyway
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    resampled = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return torch.where(accepted, drafted, resampled), accepted
+
+
+@dataclass
+class SpeculativeStats:
+    """What a speculative run did: tokens drafted and accepted, and target forward passes."""
+
+    drafted: int = 0
+    accepted: int = 0
+    target_calls: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(1, self.drafted)
+
+
+@torch.no_grad()
+def speculative_generate(
+    target: GPT,
+    draft: GPT,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    k: int = 4,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, SpeculativeStats]:
+    """Append `max_new_tokens` tokens to `idx` `(1, T)` with the `draft` model proposing `k`
+    tokens at a time and one forward pass of the `target` checking all of them: the tokens
+    follow the target's distribution exactly (`speculative_accept`); at temperature 0 they are
+    the target's greedy tokens. Both models read the whole sequence on each call (no KV cache),
+    so the sequence must fit the smaller context: T + max_new_tokens <= block_size.
+
+    Returns the tokens `(1, T + max_new_tokens)` and the `SpeculativeStats`."""
+    require_positive(k, "k", integer=True)
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise InputError(f"speculative_generate takes one prompt (1, T), got {tuple(idx.shape)}")
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise InputError("the draft and the target must share a vocabulary")
+    room = min(target.config.block_size, draft.config.block_size)
+    if idx.shape[1] + max_new_tokens > room:
+        raise InputError(
+            f"{idx.shape[1]} prompt + {max_new_tokens} new tokens exceed the context of {room}"
+        )
+    target.eval(), draft.eval()
+
+    def probs(logits: Tensor) -> Tensor:
+        if temperature == 0:
+            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return filter_logits(logits, temperature).softmax(-1)
+
+    stats = SpeculativeStats()
+    end = idx.shape[1] + max_new_tokens
+    while idx.shape[1] < end:
+        n = min(k, end - idx.shape[1])
+        proposal, q = idx, []
+        for _ in range(n):
+            q.append(probs(draft(proposal)[0][:, -1]))
+            token = torch.multinomial(q[-1], 1, generator=generator)
+            proposal = torch.cat((proposal, token), dim=1)
+        p = probs(target(proposal)[0][0, idx.shape[1] - 1 :])  # (n + 1, V)
+        stats.target_calls += 1
+        drafted = proposal[0, idx.shape[1] :]
+        out, kept = [], True
+        for i in range(n):
+            token, ok = speculative_accept(p[i : i + 1], q[i], drafted[i : i + 1], generator)
+            stats.drafted += 1
+            stats.accepted += int(ok)
+            out.append(token)
+            if not ok:
+                kept = False
+                break
+        if kept and idx.shape[1] + n < end:  # every draft kept: the target's next token is free
+            out.append(torch.multinomial(p[n : n + 1], 1, generator=generator).squeeze(1))
+        idx = torch.cat((idx, torch.cat(out)[None]), dim=1)
+    return idx, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Training the chapter's models: plain, distilled, with LayerDrop; cached between runs
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def blocks_kept(model: GPT, keep: list[int]):
+    """Run `model` with only the blocks in `keep`, sharing their parameters (LayerDrop's step:
+    the skipped blocks get no gradient). The full list of blocks is back on exit."""
+    every = model.blocks
+    model.blocks = nn.ModuleList(every[i] for i in keep)
+    try:
+        yield model
+    finally:
+        model.blocks = every
+
+
+def train_lm(
+    model: GPT,
+    tokens: np.ndarray,
+    steps: int,
+    *,
+    batch_size: int = 16,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    teacher: GPT | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    layerdrop: float = 0.0,
+) -> list[float]:
+    """Train `model` on next-token prediction over `tokens` for `steps` AdamW steps (warm-up
+    over the first tenth, then a cosine decay to a tenth of `learning_rate`); returns each
+    step's loss.
+
+    With a `teacher`, the loss is `distillation_loss` against the teacher's logits on the same
+    batch. With `layerdrop` = p, every block is skipped with probability p at each step (at
+    least one always runs), so that the model learns to work with blocks missing (Fan et al.,
+    2019). The batches depend on `seed` only, so two runs with one seed see the same text.
+    """
+    from minillm.data import TokenBatchSampler
+
+    require_positive(steps, "steps", integer=True)
+    if not 0 <= layerdrop < 1:
+        raise InputError(f"layerdrop must be in [0, 1), got {layerdrop!r}")
+    batches = TokenBatchSampler(tokens, model.config.block_size, batch_size, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    dice = torch.Generator().manual_seed(seed)
+    n_layer = model.config.n_layer
+    losses = []
+    model.train()
+    for _ in range(steps):
+        x, y = next(batches)
+        keep = list(range(n_layer))
+        if layerdrop:
+            keep = [i for i in keep if torch.rand((), generator=dice).item() >= layerdrop]
+            keep = keep or [int(torch.randint(n_layer, (), generator=dice))]
+        with blocks_kept(model, keep):
+            logits, loss = model(x, y)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher.eval()(x)[0]
+            loss = distillation_loss(logits, teacher_logits, y, temperature, alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+def cached_model(model: GPT, train, key: dict, folder: str | Path | None = None) -> GPT:
+    """`model` trained by `train(model)`, or, when a run with the same `key` (every setting the
+    training depends on) has been cached, `model` with the cached weights: the chapter trains
+    each model once and reads it back on later runs. Kept in the data cache's `models` folder
+    (`minillm.data.data_dir()`), never in the repository."""
+    import hashlib
+    import json
+
+    from minillm.data import data_dir
+
+    folder = Path(folder) if folder is not None else data_dir() / "models"
+    described = json.dumps(
+        {"key": key, "config": model.config.to_dict(), "torch": torch.__version__},
+        sort_keys=True,
+        default=str,
+    )
+    path = folder / f"{hashlib.sha256(described.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    train(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    torch.save(model.state_dict(), part)
+    part.replace(path)  # whole or absent, even if interrupted
+    return model.eval()
