@@ -154,3 +154,26 @@ def test_notebook_runs_top_to_bottom_within_budget(path):
     print(f"{path.name}: {run.verdict}")
     assert run.error is None, run.error
     assert run.ok, f"{path.name}: {run.verdict}"
+
+
+def test_the_kernel_of_a_saved_run_keeps_deepspeed_to_what_teaches():
+    """Without a GPU, DeepSpeed would warn in every process that it fell back to the CPU."""
+    import subprocess
+
+    import torch
+
+    from minillm.notebooks import _kernel_env
+
+    pytest.importorskip("deepspeed")
+    env = _kernel_env()
+    assert env["MINILLM_PROGRESS"] == "log" and "ignore::FutureWarning" in env["PYTHONWARNINGS"]
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU DeepSpeed finds it and has nothing to warn about")
+    code = "from deepspeed.accelerator import get_accelerator; print(get_accelerator()._name)"
+    as_the_student_runs_it = {k: v for k, v in env.items() if k != "DS_ACCELERATOR"}
+    for with_env, warned in ((env, False), (as_the_student_runs_it, True)):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=with_env, check=True
+        )
+        assert done.stdout.strip().endswith("cpu")
+        assert ("Setting accelerator to CPU" in done.stdout + done.stderr) == warned
