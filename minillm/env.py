@@ -65,7 +65,8 @@ def check_torch() -> list[Check]:
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
     checks = [Check("torch", OK, f"{torch.__version__} ({build})")]
     threads = torch.get_num_threads()
-    checks.append(Check("cpu", OK, f"{os.cpu_count()} cores, torch uses {threads} threads"))
+    plural = "" if threads == 1 else "s"
+    checks.append(Check("cpu", OK, f"{os.cpu_count()} cores, torch uses {threads} thread{plural}"))
     if torch.cuda.is_available():
         gpus = [
             f"{torch.cuda.get_device_name(i)} "

@@ -156,6 +156,7 @@ def test_notebook_runs_top_to_bottom_within_budget(path):
     assert run.ok, f"{path.name}: {run.verdict}"
 
 
+@pytest.mark.slow
 def test_the_kernel_of_a_saved_run_keeps_deepspeed_to_what_teaches():
     """Without a GPU, DeepSpeed would warn in every process that it fell back to the CPU."""
     import subprocess
