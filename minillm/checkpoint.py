@@ -18,7 +18,9 @@ expanded), its step (not beyond `max_iters`), and the weights are finite.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import math
 import random
@@ -203,7 +205,11 @@ def save(
     try:
         tmp.mkdir(parents=True)
         save_model(model, str(tmp / WEIGHTS))
-        torch.save(state, tmp / STATE)
+        # Serialized in memory first: torch's zip writer reports a full disk as "unexpected
+        # pos", plain file writes report it as ENOSPC.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getvalue())
         (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
@@ -220,10 +226,10 @@ def save(
 
 
 def _is_disk_full(exc: BaseException) -> bool:
-    """torch and safetensors report a full disk as RuntimeError text, not as an OSError."""
+    """safetensors reports a full disk as the text of its OS error, not as an OSError."""
     text = str(exc).lower()
     return rundir.is_disk_full(exc) or any(
-        sign in text for sign in ("no space left", "file too large", "disk quota", "errno 28")
+        f"os error {code}" in text for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     )
 
 

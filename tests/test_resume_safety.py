@@ -71,7 +71,8 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
+    """The one-sentence error of a run (the progress bar shares stderr), and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.startswith("minillm ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
     return lines[0]
 
