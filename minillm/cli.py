@@ -45,18 +45,35 @@ def _data(args) -> int:
 
 
 def _grade(args) -> int:
-    from minillm.grading import chapter_table, grade
+    import textwrap
+
+    from minillm.grading import chapter_table, feedback, grade, summary
     from minillm.utils import repo_root
 
-    tests = grade(repo_root(), args.chapters, args.impl, args.json)
+    root = args.course.resolve() if args.course else repo_root()
+    if args.gradescope:
+        from minillm.grading.gradescope import write_autograder
+
+        print(write_autograder(root, args.gradescope, args.chapters))
+        return 0
+    tests = grade(
+        root,
+        args.chapters,
+        args.impl,
+        args.json,
+        memory_mb=args.memory_mb,
+        time_limit_s=args.time_limit,
+    )
     print(f"graded {args.impl}/ with the tests in tests/exercises/")
     print(chapter_table(tests))
+    print(f"\n{summary(tests)}")
     failed = [t for t in tests if not t.passed]
     if failed and not args.quiet:
         print("\nnot passing yet:")
         for t in failed:
-            last = (t.output.strip().splitlines() or [""])[-1]
-            print(f"  {t.nodeid.split('::', 1)[-1]}  ({t.points:g} pts): {last[:120]}")
+            print(textwrap.indent(feedback(t, verbose=args.verbose), "  "))
+        if not args.verbose:
+            print("\n(--verbose shows each failing test's full output)")
     if args.json:
         print(f"\nresults written to {args.json}")
     return 0
@@ -230,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_sample)
 
+    from minillm.grading import DEFAULT_MEMORY_MB
+
     p = sub.add_parser("grade", help="grade the exercises: points per chapter, Gradescope JSON")
     p.add_argument("chapters", nargs="*", metavar="chNN", help="chapters to grade (default: all)")
     p.add_argument(
@@ -240,6 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, metavar="PATH", help="write Gradescope's results.json here")
     p.add_argument("--quiet", action="store_true", help="only the table")
+    p.add_argument("--verbose", action="store_true", help="each failing test's full output as well")
+    p.add_argument(
+        "--memory-mb",
+        type=int,
+        default=DEFAULT_MEMORY_MB,
+        metavar="MB",
+        help="memory each test's code may allocate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="cap every test's time limit (default: each test's own, 60 s unless it says)",
+    )
+    p.add_argument(
+        "--course", type=Path, metavar="DIR", help="the course folder (default: this checkout)"
+    )
+    p.add_argument(
+        "--gradescope",
+        type=Path,
+        metavar="DIR",
+        help="write a Gradescope autograder (setup.sh, run_autograder, the graded tests, no "
+        "solutions) to DIR instead of grading",
+    )
     p.set_defaults(run=_grade)
 
     p = sub.add_parser("notebooks", help="execute the chapter notebooks and save their outputs")

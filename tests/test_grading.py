@@ -1,5 +1,8 @@
-"""The grader: points per test, Gradescope's format, time limits and crashes charged to one test;
-and on the real exercises, full marks for solutions/ and zero for the untouched stubs."""
+"""The grader: points per test, feedback that names what a failing test checks, Gradescope's
+format written atomically, time limits, crashes and memory limits charged to one test, calls
+through the sandbox (arguments changed in place, objects that stay in the worker, exceptions,
+off-limits functions); and on the real exercises, full marks for solutions/ and zero for the
+untouched stubs."""
 
 import json
 import shutil
@@ -10,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from minillm.errors import InputError
-from minillm.grading import chapter_table, grade, graded_files
+from minillm.grading import graded_files
 
 REPO = Path(__file__).resolve().parents[1]
 
-DEMO_TESTS = """
-import os
-import time
-
+DEMO_TESTS = '''
+import numpy as np
 import pytest
+import torch
+
+OFF_LIMITS = {"add": ("operator.add",)}
 
 
 @pytest.fixture
@@ -29,12 +32,16 @@ def ex(impl):
 
 @pytest.mark.points(2)
 def test_add(ex):
+    """Adds two numbers."""
     assert ex.add(2, 3) == 5
 
 
 @pytest.mark.points(3)
 def test_add_negative(ex):
-    assert ex.add(-2, -3) == -5
+    """Catches adding the magnitudes of negative numbers.
+
+    A second paragraph that the grade output leaves out."""
+    assert ex.add(-2, -3) == -5, "add(-2, -3) is -5"
 
 
 @pytest.mark.points(1)
@@ -51,7 +58,24 @@ def test_crashes_on_stub(ex):
 @pytest.mark.points(5)
 def test_after_the_crash(ex):
     assert ex.add(0, 0) == 0
-"""
+
+
+@pytest.mark.points(1)
+def test_through_the_sandbox(ex):
+    """Arguments changed in place, objects that stay in the worker, exceptions."""
+    a = np.zeros(3)
+    t = torch.nn.Parameter(torch.ones(2))
+    t.grad = torch.full((2,), 4.0)
+    assert ex.double_in_place(a, t) is None
+    np.testing.assert_array_equal(a, [2.0, 2.0, 2.0])
+    torch.testing.assert_close(t.detach(), torch.full((2,), 2.0))
+    torch.testing.assert_close(t.grad, torch.full((2,), 8.0))  # gradients travel both ways
+    counter = ex.Counter(start=5)
+    assert counter.bump() == 6 and counter.bump() == 7 and counter.value == 7
+    with pytest.raises(ValueError, match="negative"):
+        ex.Counter(start=-1)
+    assert type(ex.forged()) is float  # a float subclass arrives as a plain float
+'''
 
 DEMO_SOLUTION = """
 def add(a, b):
@@ -64,15 +88,48 @@ def hang():
 
 def crash():
     return "fine"
+
+
+def double_in_place(a, t):
+    a += 2.0
+    t.data *= 2
+    t.grad *= 2
+
+
+class Counter:
+    def __init__(self, start):
+        if start < 0:
+            raise ValueError("a negative start")
+        self.value = start
+
+    def bump(self):
+        self.value += 1
+        return self.value
+
+
+class _Forged(float):
+    def __eq__(self, other):
+        return True
+
+
+def forged():
+    return _Forged(1.0)
+
+
+def allocate(mb):
+    return len(bytearray(mb << 20))
 """
 
 DEMO_STUDENT = """
+import operator
 import os
 import time
 
 
 def add(a, b):
-    return a + b if a >= 0 else a - b  # a typical slip: wrong for negatives
+    if a < 0:
+        return operator.add(-a, -b)  # off limits, and wrong too
+    return a + b
 
 
 def hang():
@@ -84,21 +141,30 @@ def crash():
     os._exit(3)
 """
 
+MEMORY_TESTS = """
+import pytest
+
+
+@pytest.mark.points(1)
+def test_allocates_600_mb(impl):
+    assert impl("ch97_memory").allocate(600) == 600 << 20
+"""
+
 
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
-    """A throwaway course repository with one graded chapter, using the real conftest files."""
+    """A throwaway course repository with two graded chapters, using the real conftest files."""
     root = tmp_path_factory.mktemp("course")
     (root / "tests" / "exercises").mkdir(parents=True)
-    shutil.copy(REPO / "tests" / "conftest.py", root / "tests" / "conftest.py")
-    shutil.copy(
-        REPO / "tests" / "exercises" / "conftest.py", root / "tests" / "exercises" / "conftest.py"
-    )
+    for path in ("tests/conftest.py", "tests/exercises/conftest.py"):
+        shutil.copy(REPO / path, root / path)
     (root / "tests" / "exercises" / "test_ch98_demo.py").write_text(DEMO_TESTS)
+    (root / "tests" / "exercises" / "test_ch97_memory.py").write_text(MEMORY_TESTS)
     for package, body in (("exercises", DEMO_STUDENT), ("solutions", DEMO_SOLUTION)):
         (root / package).mkdir()
         (root / package / "__init__.py").write_text("")
         (root / package / "ch98_demo.py").write_text(body)
+        (root / package / "ch97_memory.py").write_text(DEMO_SOLUTION)
     (root / "pytest.ini").write_text(
         textwrap.dedent("""
         [pytest]
@@ -110,38 +176,101 @@ def demo_repo(tmp_path_factory):
     return root
 
 
-def test_solutions_earn_every_point_and_gradescope_json_has_the_right_shape(demo_repo, tmp_path):
-    results = tmp_path / "results.json"
-    tests = grade(demo_repo, ["ch98"], "solutions", results)
-    assert [t.passed for t in tests] == [True] * 5
-    report = json.loads(results.read_text())
-    assert report["score"] == 15
-    assert [t["max_score"] for t in report["tests"]] == [2, 3, 1, 4, 5]
-    assert {t["status"] for t in report["tests"]} == {"passed"}
-    assert set(report["tests"][0]) >= {"name", "score", "max_score", "status", "output"}
-
-
-def test_a_hanging_or_crashing_function_costs_only_its_own_test(demo_repo):
-    tests = {t.nodeid.rsplit("::", 1)[-1]: t for t in grade(demo_repo, ["ch98"], "exercises")}
-    assert tests["test_add"].passed and tests["test_after_the_crash"].passed
-    assert not tests["test_add_negative"].passed and "assert" in tests["test_add_negative"].output
-    assert (
-        not tests["test_hangs_on_stub"].passed and "Timeout" in tests["test_hangs_on_stub"].output
+def _grade(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "grade", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
     )
-    assert not tests["test_crashes_on_stub"].passed
-    assert "died" in tests["test_crashes_on_stub"].output
-    table = chapter_table(list(tests.values()))
-    rows = [line.split() for line in table.splitlines()]
-    assert ["ch98", "2/5", "7/15"] in rows and ["total", "2/5", "7/15"] in rows
+
+
+def _demo(demo_repo, tmp_path, *args):
+    results = tmp_path / "results.json"
+    run = _grade("--course", str(demo_repo), "--json", str(results), *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run, json.loads(results.read_text())
+
+
+def test_solutions_earn_every_point_and_gradescope_json_has_the_right_shape(demo_repo, tmp_path):
+    run, report = _demo(demo_repo, tmp_path, "ch98", "--impl", "solutions")
+    assert [t["status"] for t in report["tests"]] == ["passed"] * 6
+    assert report["score"] == 16
+    assert [t["max_score"] for t in report["tests"]] == [2, 3, 1, 4, 5, 1]
+    assert set(report["tests"][0]) >= {"name", "score", "max_score", "status", "output"}
+    assert "16 of 16 points, 6 of 6 tests passed" in run.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "a temporary file was left"
+
+
+def test_a_hanging_or_crashing_function_costs_only_its_own_test(demo_repo, tmp_path):
+    run, report = _demo(demo_repo, tmp_path, "ch98")
+    tests = {t["name"]: t for t in report["tests"]}
+    assert tests["test_add"]["status"] == tests["test_after_the_crash"]["status"] == "passed"
+    assert "time limit" in tests["test_hangs_on_stub"]["output"]
+    assert "ended during this call" in tests["test_crashes_on_stub"]["output"]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert ["ch98", "2/6", "7/16"] in rows and ["total", "2/6", "7/16"] in rows
+
+
+def test_feedback_names_what_the_failing_test_checks_and_the_assertion(demo_repo, tmp_path):
+    run, report = _demo(demo_repo, tmp_path, "ch98")
+    out = run.stdout
+    assert "7 of 16 points, 2 of 6 tests passed" in out
+    block = out[out.index("ch98 test_add_negative") :].split("\n  ch98 ")[0]
+    assert "ch98 test_add_negative (3 points)" in block
+    assert "checks: Catches adding the magnitudes of negative numbers." in block
+    assert "second paragraph" not in block
+    assert "add must not call operator.add" in block  # the off-limits call, not a bare assert
+    assert "ch98 test_hangs_on_stub (1 point)" in out  # singular
+    assert "(--verbose shows each failing test's full output)" in out
+    verbose = _grade("--course", str(demo_repo), "ch98", "--verbose").stdout
+    assert "full output:" in verbose and "def test_hangs_on_stub(ex):" in verbose
+    negative = {t["name"]: t for t in report["tests"]}["test_add_negative"]["output"]
+    assert "Catches adding the magnitudes" in negative and "operator.add" in negative
+
+
+def test_a_wrong_answer_says_what_was_expected(demo_repo, tmp_path):
+    (demo_repo / "exercises" / "ch98_demo.py").write_text(
+        DEMO_STUDENT.replace("return operator.add(-a, -b)", "return -a - b")
+    )
+    try:
+        run = _grade("--course", str(demo_repo), "ch98")
+    finally:
+        (demo_repo / "exercises" / "ch98_demo.py").write_text(DEMO_STUDENT)
+    block = run.stdout[run.stdout.index("ch98 test_add_negative") :]
+    assert "got:    AssertionError: add(-2, -3) is -5" in block
+    assert "assert 5 == -5" in block
+
+
+def test_the_memory_limit_is_per_test_and_configurable(demo_repo, tmp_path):
+    _, roomy = _demo(demo_repo, tmp_path, "ch97", "--memory-mb", "2048")
+    assert roomy["score"] == 1
+    _, tight = _demo(demo_repo, tmp_path, "ch97", "--memory-mb", "300")
+    assert tight["score"] == 0 and "MemoryError" in tight["tests"][0]["output"]
 
 
 def test_unknown_chapter_is_refused(demo_repo):
-    with pytest.raises(InputError, match="ch98"):
-        grade(demo_repo, ["ch97"], "solutions")
+    run = _grade("--course", str(demo_repo), "ch90")
+    assert run.returncode == 2 and "ch98" in run.stderr
+
+
+def test_tests_that_cannot_be_collected_stop_the_grade_and_still_write_results(
+    demo_repo, tmp_path
+):
+    broken = demo_repo / "tests" / "exercises" / "test_ch96_broken.py"
+    broken.write_text("import a_module_that_does_not_exist\n")
+    results = tmp_path / "results.json"
+    try:
+        run = _grade("--course", str(demo_repo), "ch96", "--json", str(results))
+    finally:
+        broken.unlink()
+    assert run.returncode == 2 and "could not be collected" in run.stderr
+    report = json.loads(results.read_text())
+    assert report["score"] == 0 and "a_module_that_does_not_exist" in report["output"]
 
 
 def test_a_graded_test_without_points_is_refused(demo_repo, tmp_path):
-    bad = demo_repo / "tests" / "exercises" / "test_ch97_nopoints.py"
+    bad = demo_repo / "tests" / "exercises" / "test_ch95_nopoints.py"
     bad.write_text("def test_free():\n    assert True\n")
     try:
         run = subprocess.run(
@@ -155,17 +284,8 @@ def test_a_graded_test_without_points_is_refused(demo_repo, tmp_path):
     assert run.returncode != 0 and "needs @pytest.mark.points" in run.stdout + run.stderr
 
 
-def _cli_grade(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "minillm.cli", "grade", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
-
-
 def test_reference_solutions_score_full_marks(tmp_path):
-    run = _cli_grade("--impl", "solutions", "--json", str(tmp_path / "r.json"))
+    run = _grade("--impl", "solutions", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert graded_files(REPO) and report["tests"], "no graded tests found"
@@ -189,7 +309,7 @@ def _exercises_untouched() -> bool:
     reason="exercises/ holds your own answers; the stub check runs on a clean checkout",
 )
 def test_every_graded_test_fails_on_the_untouched_stubs(tmp_path):
-    run = _cli_grade("--impl", "exercises", "--json", str(tmp_path / "r.json"))
+    run = _grade("--impl", "exercises", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert len(report["tests"]) >= 6 * len(graded_files(REPO))
