@@ -61,7 +61,7 @@ def test_misspelt_top_level_key_is_refused_with_a_suggestion():
         ({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 2}}, "cannot be combined"),
         ({"pipeline": {"stages": 2}}, "clips gradients by the first stage's norm"),
         ({"pipeline": {"stages": 3}, "zero_optimization": {"stage": 1}}, "cannot form 3"),
-        ({"pipeline": {"stages": "auto"}}, "pipeline.stages must be a whole number"),
+        ({"pipeline": {"stages": "auto"}}, "'pipeline.stages' must be a whole number"),
     ],
 )
 def test_bad_configs_are_refused_before_launch(config, message):
@@ -259,7 +259,7 @@ def test_torchrun_launches_the_same_job(tmp_path, single_process):
 
 def test_pipeline_at_zero0_is_allowed_when_clipping_is_off():
     config = {"pipeline": {"stages": 2}, "gradient_clipping": 0.0}
-    filled = ds_config.prepare_config(config, train_config(), 2, "cpu")
+    filled = ds_config.prepare_config(config, train_config("optim.grad_clip=0"), 2, "cpu")
     assert filled["train_batch_size"] == 4  # 2 processes = 2 stages x 1 data-parallel rank
 
 
