@@ -174,6 +174,44 @@ def _cell_output(driver, index: int) -> str:
     )
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _save_and_check_git_status(driver) -> None:
+    """Save the chapter that was just run: `git status` stays clean (the clean filter and the
+    lab's post-save hook, which runs once the file is written). The file is put back after."""
+    if _git("status", "--porcelain", "--", CHAPTER):
+        print(f"{CHAPTER} has changes of yours: not saving it from the browser")
+        return
+    path = REPO / CHAPTER
+    original = path.read_bytes()
+    saved_at = path.stat().st_mtime_ns
+    try:
+        ActionChains(driver).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+        WebDriverWait(driver, 30).until(lambda d: path.stat().st_mtime_ns != saved_at)
+        assert path.read_bytes() != original  # JupyterLab did write the file
+        WebDriverWait(driver, 60, poll_frequency=0.5).until(
+            lambda d: _git("status", "--porcelain", "--", CHAPTER) == ""
+        )
+    finally:
+        _wait_for_git_index()
+        path.write_bytes(original)
+        _wait_for_git_index()
+        _git("add", "--", CHAPTER)  # the same content as staged: only git's stat record changes
+    assert _git("status", "--porcelain", "--", CHAPTER) == ""
+
+
+def _wait_for_git_index(timeout_s: float = 60) -> None:
+    """Until no git command (the lab's post-save hook, or another of yours) holds the index."""
+    lock = REPO / ".git" / "index.lock"
+    deadline = time.monotonic() + timeout_s
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _terminal_text(driver) -> str:
     return driver.execute_script(
         "const rows = document.querySelectorAll('.jp-Terminal .xterm-accessibility-tree');"
@@ -214,6 +252,7 @@ def test_chapter_03_and_a_terminal_in_jupyterlab(lab, browser, capsys):
         assert _cell_output(browser, 4).split() == expected.split()  # what the chapter shows
         assert _cell_output(browser, 1).strip() == ""  # the setup cell: nothing to do locally
         _shot(browser, "2-chapter-03-cells-run")
+        _save_and_check_git_status(browser)
 
         # A terminal in the lab: the course's minillm first on PATH, and grading works there.
         browser.execute_script("window.jupyterapp.commands.execute('terminal:create-new')")
