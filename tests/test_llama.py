@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from minillm.errors import InputError, InputTypeError
+from minillm.finetune import SoftPrompt, add_lora, merge_lora
 from minillm.generate import generate
 from minillm.hf_llama import from_hf, to_hf
 from minillm.llama import (
@@ -361,3 +362,32 @@ def test_config_round_trips_and_refuses_gpt_only_keys():
         LlamaConfig.from_dict({"bias": True})
     with pytest.raises(InputTypeError, match="Llama takes a LlamaConfig, got GPTConfig"):
         Llama(GPTConfig())
+
+
+def test_a_saved_folder_loads_with_automodel_and_back(tmp_path):
+    llama = random_llama(rope_pairing="interleaved")
+    to_hf(llama).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)  # a local folder: no network involved
+    assert isinstance(hf, LlamaForCausalLM)
+    back = from_hf(hf.eval(), rope_pairing="interleaved")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDX)[0], llama(IDX)[0], rtol=0, atol=0)
+
+
+def test_fine_tuning_tools_take_the_llama():
+    """chapter 10's LoRA (merged back exactly) and soft prompt (only the prompt trains)."""
+    llama = random_llama(torch.float64)
+    wrapped = add_lora(llama, targets=("q_proj", "v_proj", "gate_proj"), r=2)
+    assert len(wrapped) == 3 * llama.config.n_layer
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.3)  # zero at the start: make the adapters change something
+        adapted = llama(IDX)[0]
+        merge_lora(llama)
+        torch.testing.assert_close(llama(IDX)[0], adapted, rtol=0, atol=F64_ATOL)
+    prompt = SoftPrompt(llama, n_virtual=3)
+    loss = prompt(IDX[:, :10], IDX[:, 1:11])[1]
+    loss.backward()
+    assert prompt.prompt.grad is not None
+    assert all(p.grad is None for p in llama.parameters())
