@@ -155,10 +155,15 @@ def test_a_conflicting_update_says_what_to_do_and_keeps_the_work(upstream, tmp_p
     assert exercise.read_text().splitlines()[0] == first + "  # mine"
 
 
-def test_update_outside_a_git_clone_says_so(tmp_path):
+def test_update_outside_a_git_clone_or_without_the_course_remote_says_so(tmp_path):
     shutil.copy2(REPO / "course", tmp_path / "course")
     done = course(tmp_path, "update")
     assert done.returncode == 1 and "needs a git clone" in done.stderr
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "course")
+    git(tmp_path, "commit", "-q", "-m", "a copy without its remote")
+    done = course(tmp_path, "update")
+    assert done.returncode == 1 and "git remote add origin" in done.stderr
 
 
 # -- the filter and the merge on their own ------------------------------------------------------
