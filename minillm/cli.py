@@ -47,7 +47,7 @@ def _data(args) -> int:
 def _grade(args) -> int:
     import textwrap
 
-    from minillm.grading import chapter_table, feedback, grade, summary
+    from minillm.grading import chapter_table, feedback, grade, sandbox_warning, summary
     from minillm.utils import repo_root
 
     root = args.course.resolve() if args.course else repo_root()
@@ -56,6 +56,8 @@ def _grade(args) -> int:
 
         print(write_autograder(root, args.gradescope, args.chapters))
         return 0
+    if warning := sandbox_warning():
+        print(warning, file=sys.stderr)
     tests = grade(
         root,
         args.chapters,

@@ -122,6 +122,7 @@ def test_a_hostile_submission_scores_zero_and_leaves_nothing_behind(name, tmp_pa
     after = {p: p.read_bytes() for p in (root / "tests").rglob("*") if p.is_file()}
     assert after == tests_before, "the submission changed or added files in tests/"
     assert not (REPO / "minillm" / "grading" / "hostile_was_here.py").exists()
+    assert "LEAKED" not in results.read_text(), "the submission read a secret of the machine"
 
     # Why every test failed: the attack's own failure, or, where it changed nothing, the stub.
     unchanged = "not written yet"
@@ -143,6 +144,7 @@ def test_a_hostile_submission_scores_zero_and_leaves_nothing_behind(name, tmp_pa
                 "write_tests_dir",
                 "read_solutions_by_path",
                 "patch_test_tools",
+                "read_machine_secrets",
             )
         },
     }

@@ -61,6 +61,25 @@ class GradedTest:
         return self.points if self.passed else 0.0
 
 
+def sandbox_warning() -> str | None:
+    """What this machine's kernel cannot isolate, for the person grading; None when all is."""
+    from minillm.grading import isolation
+
+    abi = isolation.landlock_abi()
+    if abi == 0 and os.getuid() != 0:
+        return (
+            "warning: this kernel has no Landlock and the grader does not run as root, so the "
+            "code under test runs with your permissions (it could read solutions/ or change the "
+            "tests); grade untrusted code as root, or on Linux 5.13 or newer"
+        )
+    if 0 < abi < 6:
+        return (
+            f"note: Landlock ABI {abi} cannot keep the code under test from signalling the "
+            "grader's processes (ABI 6, Linux 6.12, can)"
+        )
+    return None
+
+
 def graded_files(root: Path) -> dict[str, Path]:
     """Chapter ("ch01") -> its graded test file."""
     files = {}

@@ -151,7 +151,7 @@ class _Encoder:
             self._blob(handle.type_name.encode()[:200])
 
     def _array(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # ascontiguousarray would make a 0-d array 1-d
         self._blob(a.dtype.str.encode())
         self._len(a.ndim)
         for n in a.shape:

@@ -3,9 +3,9 @@
 - `restrict_filesystem`: Landlock (via ctypes), so a worker reads only the trees it needs, writes
   only its own folder, and (Landlock ABI 6+) cannot signal or reach abstract sockets of processes
   outside its sandbox, such as the grader.
-- `drop_privileges`: a worker started as root loses every capability (it keeps uid 0 where the
-  Python installation is readable only by root, so Landlock is what confines it) or, without
-  Landlock, becomes `nobody`.
+- `drop_capabilities` and `become_nobody`: a worker started as root loses every capability for
+  good and stays uid 0 where Landlock confines it (Python may be installed where only root can
+  read, as under /root/.pyenv), or becomes `nobody` where there is no Landlock.
 - `limit_resources`: memory (address space), processes, file size, no core files.
 - `become_subreaper`, `descendants` and `kill_all`: every process a worker starts, even one that
   double-forks or calls setsid(), stays below the grader's subreaper and is SIGKILLed there.

@@ -48,6 +48,29 @@ PREIMPORTS = [
 ]
 
 
+# What a Python process reads in /etc: the dynamic linker's cache, users and groups, names
+# (gloo resolves localhost), time zone, TLS certificates, MIME types.
+_ETC = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "gai.conf",
+    "resolv.conf",
+    "localtime",
+    "timezone",
+    "ssl",
+    "mime.types",
+    "os-release",
+    "protocols",
+    "services",
+)
+
+
 class SandboxError(RuntimeError):
     """The sandbox itself failed (not the code under test)."""
 
@@ -79,17 +102,10 @@ def _read_paths(root: Path, package: str) -> dict[str, int]:
         sys.base_prefix,
         sys.exec_prefix,
         *site.getsitepackages(),
-        "/usr",
-        "/lib",
-        "/lib64",
-        "/lib32",
-        "/bin",
-        "/sbin",
-        "/etc",
-        "/proc",
-        "/sys",
-        "/dev",
-        "/opt",
+        *("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/opt", "/proc", "/sys"),
+        # Not all of /etc and /dev: a uid-0 worker could read /etc/shadow or a raw disk there.
+        *(f"/etc/{name}" for name in _ETC),
+        *(f"/dev/{name}" for name in ("null", "zero", "full", "random", "urandom")),
     ]
     for tree in trees:
         rules.setdefault(str(tree), read)
