@@ -206,14 +206,17 @@ def refresh_git_index(os_path: str, **_) -> bool:
             ["git", *args], cwd=path.parent, capture_output=True, text=True, encoding="utf-8"
         )
 
-    if git("config", "filter.minillm-notebook.clean").returncode != 0:
-        return False  # without the filter, `git add` would stage the file as it is
-    staged = git("cat-file", "blob", f":./{path.name}")
-    if staged.returncode != 0:
+    try:  # a save must never fail because of this: no git, no repository, a busy index
+        if git("config", "filter.minillm-notebook.clean").returncode != 0:
+            return False  # without the filter, `git add` would stage the file as it is
+        staged = git("cat-file", "blob", f":./{path.name}")
+        if staged.returncode != 0:
+            return False
+        if clean(path.read_text(encoding="utf-8"), staged.stdout) != staged.stdout:
+            return False
+        return git("add", "--", path.name).returncode == 0
+    except (OSError, UnicodeDecodeError):
         return False
-    if clean(path.read_text(encoding="utf-8"), staged.stdout) != staged.stdout:
-        return False
-    return git("add", "--", path.name).returncode == 0
 
 
 # -- merging a course update into a student's notebook -----------------------------------------

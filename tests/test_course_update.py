@@ -245,3 +245,12 @@ def test_merge_keeps_a_cell_the_student_changed_and_the_course_removed():
     )
     merged, conflicts = merge(base, ours, theirs)
     assert conflicts == 0 and [c["source"] for c in merged["cells"]] == ["1", "2 mine"]
+
+
+def test_the_post_save_hook_never_fails_a_save(tmp_path, monkeypatch):
+    saved = tmp_path / "03.ipynb"
+    saved.write_text("{}")
+    assert not refresh_git_index(os_path=str(saved))  # not in a git repository
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert not refresh_git_index(os_path=str(saved))
+    assert not refresh_git_index(os_path=str(tmp_path / "notes.txt"))  # not a notebook
