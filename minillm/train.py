@@ -398,6 +398,14 @@ def _rows(path: Path, fields: tuple[str, ...]) -> list[list[str]]:
     return [r for r in rows if len(r) == len(fields) and r[0].isdigit()]
 
 
+def train_worker(rank: int, world_size: int, config: TrainConfig, engine_factory) -> list[float]:
+    """For `minillm.parallel.launch.launch`: the Trainer with `engine_factory` (such as
+    `functools.partial(ZeroEngine, stage=2)`) in every rank; rank 0 returns the loss of every
+    step (averaged over the ranks), the others an empty list."""
+    Trainer(config, progress=False, engine_factory=engine_factory).fit()
+    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """The per-step rows of `metrics.csv` and the rows of `evals.csv`, as floats."""
 

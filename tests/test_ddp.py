@@ -82,8 +82,10 @@ def test_ddp_engine_matches_the_plain_engine_on_the_global_batch(grad_accum):
 def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path):
     """The unchanged Trainer, driven by DDPEngine on 2 processes, logs the losses of one process
     training on both ranks' rows (batch 2 x 4 = 8), to float32 rounding."""
-    from minillm.engines.ddp import train_worker
-    from minillm.train import Trainer, read_metrics
+    from functools import partial
+
+    from minillm.engines import DDPEngine
+    from minillm.train import Trainer, read_metrics, train_worker
     from minillm.train_config import load_config
 
     overrides = [
@@ -99,7 +101,8 @@ def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path)
         "optim.warmup_iters=2",
     ]
     ddp = load_config(None, [*overrides, "batch_size=4", f"out_dir={tmp_path / 'ddp'}"])
-    losses = launch(train_worker, 2, ddp, "overlapped", echo=False)[0]
+    engine = partial(DDPEngine, mode="overlapped")
+    losses = launch(train_worker, 2, ddp, engine, echo=False)[0]
     single = load_config(None, [*overrides, "batch_size=8", f"out_dir={tmp_path / 'single'}"])
     Trainer(single, progress=False).fit()
     expected = [row["loss"] for row in read_metrics(single.out_dir)[0]]

@@ -4,16 +4,18 @@ the global batch, the byte formula, and a real DeepSpeed ZeRO-2 run of the same 
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from minillm.engines import zero as zero_engine
+from minillm.engines import ZeroEngine
 from minillm.errors import InputError
 from minillm.memory import STATE_PARTS, model_state_bytes
 from minillm.model import GPT, GPTConfig
 from minillm.parallel import zero
 from minillm.parallel.launch import launch
+from minillm.train import train_worker
 from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +100,7 @@ def test_our_zero2_and_zero3_match_deepspeed_zero2_under_the_trainer(tmp_path):
             REPO / "configs/train/shakespeare_char.yaml",
             [*TINY, f"out_dir={tmp_path / str(stage)}"],
         )
-        ours = launch(zero_engine.train_worker, 2, config, stage, echo=False)[0]
+        ours = launch(train_worker, 2, config, partial(ZeroEngine, stage=stage), echo=False)[0]
         # Both clip at the config's grad_clip=1.0 and follow the Trainer's schedule.
         assert ours == pytest.approx(expected, abs=1e-5), stage
 
@@ -298,9 +300,6 @@ def test_zero3_matches_torch_fsdp2_on_cpu_gloo():
 
 def crashing_worker(rank: int, world_size: int, config, stage: int, crash_at: int) -> None:
     """The Trainer with `ZeroEngine`, killed (an exception in every rank) in step `crash_at`."""
-    from functools import partial
-
-    from minillm.engines.zero import ZeroEngine
     from minillm.train import Trainer
 
     class Crash(RuntimeError):
@@ -324,9 +323,10 @@ def test_killed_zero_engine_run_resumes_exactly(stage, tmp_path):
     def config(name):
         return load_config(None, [*TINY, "checkpoint_interval=4", f"out_dir={tmp_path / name}"])
 
-    whole = launch(zero_engine.train_worker, 2, config("whole"), stage, echo=False)[0]
+    engine = partial(ZeroEngine, stage=stage)
+    whole = launch(train_worker, 2, config("whole"), engine, echo=False)[0]
     launch(crashing_worker, 2, config("killed"), stage, 7, echo=False)
-    resumed = launch(zero_engine.train_worker, 2, config("killed"), stage, echo=False)[0]
+    resumed = launch(train_worker, 2, config("killed"), engine, echo=False)[0]
     assert len(whole) == 8 and resumed == whole  # bitwise: weights, AdamW slices, schedule, data
     with pytest.raises(LaunchError, match="saved by 2 ZeRO ranks; resume it with 2 processes"):
-        launch(zero_engine.train_worker, 1, config("killed"), stage, echo=False)
+        launch(train_worker, 1, config("killed"), engine, echo=False)

@@ -93,13 +93,3 @@ def engine_vs_plain_worker(
         ),
         "steps": len(norms["ddp"]),
     }
-
-
-def train_worker(rank: int, world_size: int, config: TrainConfig, mode: str) -> list[float]:
-    """The Trainer with `DDPEngine`; rank 0 returns the (rank-averaged) loss of every step."""
-    from functools import partial
-
-    from minillm.train import Trainer, read_metrics
-
-    Trainer(config, progress=False, engine_factory=partial(DDPEngine, mode=mode)).fit()
-    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

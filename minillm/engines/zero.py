@@ -108,13 +108,3 @@ def _on_cpu(value):
     if isinstance(value, list | tuple):
         return type(value)(_on_cpu(v) for v in value)
     return value
-
-
-def train_worker(rank: int, world_size: int, config: TrainConfig, stage: int) -> list[float]:
-    """The Trainer with `ZeroEngine` at `stage`; rank 0 returns the loss of every step."""
-    from functools import partial
-
-    from minillm.train import Trainer, read_metrics
-
-    Trainer(config, progress=False, engine_factory=partial(ZeroEngine, stage=stage)).fit()
-    return [row["loss"] for row in read_metrics(config.out_dir)[0]] if rank == 0 else []

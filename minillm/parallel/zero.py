@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from minillm.errors import InputError, require_positive
 from minillm.memory import model_state_bytes
 from minillm.model import GPT, GPTConfig
+from minillm.parallel.ddp import shard_batch
 
 STAGES = (0, 1, 2, 3)
 
@@ -445,7 +446,6 @@ def equality_worker(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ref_losses.append(loss.item())
-    rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
     report = {}
     for stage in STAGES:
         model = copy.deepcopy(base)
@@ -453,7 +453,7 @@ def equality_worker(
         zero = Zero(groups, stage, module=model, lr=lr, grad_clip=grad_clip)
         losses = []
         for x, y in batches:
-            loss = model(x[rows], y[rows])[1]
+            loss = model(shard_batch(x, rank, world_size), shard_batch(y, rank, world_size))[1]
             zero.backward(loss)
             held = zero.census()
             zero.step()
