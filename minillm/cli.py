@@ -116,14 +116,14 @@ def _train(args) -> int:
     if args.deepspeed:
         from functools import partial
 
-        from minillm.engines import deepspeed, ds_config
+        from minillm.engines import deepspeed, deepspeed_engine, ds_config
 
         json_config = ds_config.load_config(args.deepspeed)
         if args.nproc:  # check everything here, then hand over to DeepSpeed's launcher
             argv = [a for a in args.argv if a != "--fresh"]  # done above
             return deepspeed.launch(args.nproc, json_config, config, argv)
         config.device = rank_device()
-        engine_factory = partial(deepspeed.make_engine, ds_config=json_config)
+        engine_factory = partial(deepspeed_engine, ds_config=json_config)
     elif args.ddp:
         from minillm.engines import DDPEngine
 

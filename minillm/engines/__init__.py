@@ -19,14 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from minillm.engines.ddp import DDPEngine
-from minillm.engines.deepspeed import DeepSpeedTrainEngine, make_engine
+from minillm.engines.deepspeed import DeepSpeedTrainEngine
 from minillm.engines.pipeline import PipelineTrainEngine
 from minillm.engines.plain import PlainEngine
 from minillm.engines.zero import ZeroEngine
 from minillm.tokenizer import Tokenizer
+from minillm.train_config import TrainConfig
 
 
 @runtime_checkable
@@ -96,6 +98,15 @@ class MicroBatchEngine(Engine, Protocol):
         ...
 
 
+def deepspeed_engine(
+    model: nn.Module, config: TrainConfig, device: torch.device, *, ds_config: dict
+) -> DeepSpeedTrainEngine:
+    """The DeepSpeed engine `ds_config` asks for: the pipeline engine where it has a `pipeline`
+    section. `functools.partial(deepspeed_engine, ds_config=...)` is a Trainer's factory."""
+    engine = PipelineTrainEngine if "pipeline" in ds_config else DeepSpeedTrainEngine
+    return engine(model, config, device, ds_config=ds_config)
+
+
 __all__ = [
     "DDPEngine",
     "DeepSpeedTrainEngine",
@@ -104,5 +115,5 @@ __all__ = [
     "PipelineTrainEngine",
     "PlainEngine",
     "ZeroEngine",
-    "make_engine",
+    "deepspeed_engine",
 ]

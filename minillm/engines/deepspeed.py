@@ -21,7 +21,6 @@ from torch import nn
 from minillm import checkpoint, data, rundir
 from minillm.engines.common import lr_schedule, mean_over_ranks, rebuild_model, shard_pair
 from minillm.engines.ds_config import prepare_config
-from minillm.model import GPT
 from minillm.parallel.launch import free_port
 from minillm.train_config import TrainConfig
 
@@ -181,16 +180,6 @@ class DeepSpeedTrainEngine:
         if loaded is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
         return state
-
-
-def make_engine(
-    model: GPT, config: TrainConfig, device: torch.device, *, ds_config: dict
-) -> DeepSpeedTrainEngine:
-    """The engine `ds_config` asks for: a pipeline engine where it has a `pipeline` section."""
-    from minillm.engines.pipeline import PipelineTrainEngine  # which builds on this module
-
-    engine = PipelineTrainEngine if "pipeline" in ds_config else DeepSpeedTrainEngine
-    return engine(model, config, device, ds_config=ds_config)
 
 
 # The classes DeepSpeed 0.19 pickles into its ZeRO files beside tensors and plain containers
