@@ -236,3 +236,76 @@ def cross_attention(
     test).
     """
     raise NotImplementedError
+
+
+# -- The Llama family (minillm.llama) ------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dimension, Llama's LayerNorm without the mean and the bias:
+
+        y = x / sqrt(mean(x^2) + eps) * weight
+
+    Args:
+        x: `(..., C)`.
+        weight: `(C,)`.
+    Returns:
+        `(..., C)`.
+
+    Example:
+        >>> rms_norm(torch.tensor([3.0, -4.0]), torch.ones(2), eps=0.0)  # rms = sqrt(12.5)
+        tensor([ 0.8485, -1.1314])
+
+    Off limits: `torch.nn.functional.rms_norm`, `torch.rms_norm`, `minillm.llama.RMSNorm.forward`
+    (this exercise asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """Llama's gated feed-forward network:
+
+        y = down(silu(gate(x)) * up(x)),   silu(z) = z * sigmoid(z)
+
+    where gate, up and down are bias-free linear layers with `nn.Linear`'s layout (`x @ w.T`).
+
+    Args:
+        x: `(..., C)`.
+        w_gate, w_up: `(hidden, C)`.
+        w_down: `(C, hidden)`.
+    Returns:
+        `(..., C)`.
+
+    Example:
+        >>> one = torch.ones(1, 1)
+        >>> swiglu(one, 2 * one, 3 * one, 0.5 * one)  # 0.5 * silu(2) * 3
+        tensor([[2.6424]])
+
+    Off limits: `minillm.llama.SwiGLU.forward` (this exercise asks you to write it; a call fails
+    the test).
+    """
+    raise NotImplementedError
+
+
+def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal grouped-query attention: `H` query heads share `G` key/value heads.
+
+    Each group of H // G consecutive query heads reads one key/value head: query head h uses
+    key/value head h // (H // G). G = H is ordinary multi-head attention, G = 1 multi-query.
+    Within a head, attention is the usual causal softmax(q k^T / sqrt(D)) v.
+
+    Args:
+        q: `(B, H, T, D)` queries.
+        k, v: `(B, G, T, D)` keys and values, H divisible by G.
+    Returns:
+        `(B, H, T, D)`.
+
+    Example:
+        >>> q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+        >>> grouped_query_attention(q, kv, kv).shape
+        torch.Size([1, 4, 3, 8])
+
+    Off limits: `torch.nn.functional.scaled_dot_product_attention`,
+    `minillm.llama.share_kv_heads` (this exercise asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError

@@ -267,3 +267,74 @@ def cross_attention(
         scores = scores.masked_fill(~memory_padding_mask[:, None, None, :], float("-inf"))
     y = torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
     return _linear(y.transpose(1, 2).reshape(B, T, C), weights, "o_proj")
+
+
+# -- The Llama family (minillm.llama) ------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dimension, Llama's LayerNorm without the mean and the bias:
+
+        y = x / sqrt(mean(x^2) + eps) * weight
+
+    Args:
+        x: `(..., C)`.
+        weight: `(C,)`.
+    Returns:
+        `(..., C)`.
+
+    Example:
+        >>> rms_norm(torch.tensor([3.0, -4.0]), torch.ones(2), eps=0.0)  # rms = sqrt(12.5)
+        tensor([ 0.8485, -1.1314])
+    """
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
+    """Llama's gated feed-forward network:
+
+        y = down(silu(gate(x)) * up(x)),   silu(z) = z * sigmoid(z)
+
+    where gate, up and down are bias-free linear layers with `nn.Linear`'s layout (`x @ w.T`).
+
+    Args:
+        x: `(..., C)`.
+        w_gate, w_up: `(hidden, C)`.
+        w_down: `(C, hidden)`.
+    Returns:
+        `(..., C)`.
+
+    Example:
+        >>> one = torch.ones(1, 1)
+        >>> swiglu(one, 2 * one, 3 * one, 0.5 * one)  # 0.5 * silu(2) * 3
+        tensor([[2.6424]])
+    """
+    gate = x @ w_gate.T
+    return (gate * torch.sigmoid(gate) * (x @ w_up.T)) @ w_down.T
+
+
+def grouped_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal grouped-query attention: `H` query heads share `G` key/value heads.
+
+    Each group of H // G consecutive query heads reads one key/value head: query head h uses
+    key/value head h // (H // G). G = H is ordinary multi-head attention, G = 1 multi-query.
+    Within a head, attention is the usual causal softmax(q k^T / sqrt(D)) v.
+
+    Args:
+        q: `(B, H, T, D)` queries.
+        k, v: `(B, G, T, D)` keys and values, H divisible by G.
+    Returns:
+        `(B, H, T, D)`.
+
+    Example:
+        >>> q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+        >>> grouped_query_attention(q, kv, kv).shape
+        torch.Size([1, 4, 3, 8])
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    # repeat_interleave, not repeat: heads 0..n_rep-1 share kv head 0, the next n_rep kv head 1
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v

@@ -1,9 +1,9 @@
 """Graded tests for chapter 04 (transformer architectures): `minillm grade ch04`.
 
-References are independent of the exercises: torch's `F.layer_norm`, `nn.MultiheadAttention` and
-`F.scaled_dot_product_attention`, Llama's rotary embedding and GPT-2's block from `transformers`,
-parameter counts of `GPT2LMHeadModel`, and hand formulas. Comparisons run in float64 with
-atol 1e-10 unless a test says otherwise.
+References are independent of the exercises: torch's `F.layer_norm`, `F.rms_norm`,
+`nn.MultiheadAttention` and `F.scaled_dot_product_attention`, Llama's rotary embedding, MLP and
+`repeat_kv` and GPT-2's block from `transformers`, parameter counts of `GPT2LMHeadModel`, and hand
+formulas. Comparisons run in float64 with atol 1e-10 unless a test says otherwise.
 """
 
 import math
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaMLP, apply_rotary_pos_emb, repeat_kv
 
 from minillm.model import GPT, GPTConfig
 
@@ -34,6 +34,16 @@ OFF_LIMITS = {
     "cross_attention": (
         "torch.nn.functional.multi_head_attention_forward",
         "torch.nn.MultiheadAttention.forward",
+    ),
+    "rms_norm": (
+        "torch.nn.functional.rms_norm",
+        "torch.rms_norm",
+        "minillm.llama.RMSNorm.forward",
+    ),
+    "swiglu": ("minillm.llama.SwiGLU.forward",),
+    "grouped_query_attention": (
+        "torch.nn.functional.scaled_dot_product_attention",
+        "minillm.llama.share_kv_heads",
     ),
 }
 
@@ -295,3 +305,62 @@ def test_cross_attention_matches_torch_multihead_attention(impl):
     torch.testing.assert_close(out, want_full, **F64)
     padded = ex.cross_attention(x, memory, mha_weights(mha), 4, memory_padding_mask=real)
     torch.testing.assert_close(padded, want_padded, **F64)
+
+
+# -- The Llama family ------------------------------------------------------------------------
+
+
+@pytest.mark.points(2)
+def test_rms_norm_matches_torch(impl):
+    """Catches subtracting the mean first (that is LayerNorm), dividing by the standard deviation
+    instead of the root mean square, and eps outside the square root. Reference:
+    F.rms_norm; inputs with a mean far from 0, so a subtracted mean shows."""
+    ex = impl("ch04_transformer")
+    x, weight = randn(3, 5, 8) * 2 + 3, randn(8, seed=1)
+    torch.testing.assert_close(ex.rms_norm(x, weight), F.rms_norm(x, (8,), weight, 1e-5), **F64)
+    tiny, ones = randn(2, 8, seed=2) * 1e-3, torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(
+        ex.rms_norm(tiny, ones, eps=1e-5), F.rms_norm(tiny, (8,), ones, 1e-5), **F64
+    )
+
+
+@pytest.mark.points(2)
+def test_swiglu_matches_transformers_llama_mlp(impl):
+    """Catches SiLU applied to the up projection instead of the gate, GELU or a bare sigmoid in
+    place of SiLU, and weights used untransposed. Reference: transformers' LlamaMLP."""
+    ex = impl("ch04_transformer")
+    config = LlamaConfig(
+        hidden_size=6, intermediate_size=10, num_attention_heads=2, hidden_act="silu"
+    )
+    mlp = LlamaMLP(config).double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(randn(*p.shape, seed=p.numel()))
+        x = randn(2, 3, 6, seed=5)
+        want = mlp(x)
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    out = ex.swiglu(x, *(w.detach() for w in weights))
+    assert out.shape == (2, 3, 6), f"expected (B, T, C) = (2, 3, 6), got {tuple(out.shape)}"
+    torch.testing.assert_close(out, want, **F64)
+
+
+@pytest.mark.points(3)
+def test_grouped_query_attention_shares_each_kv_head_with_neighbouring_query_heads(impl):
+    """Catches query head h reading key/value head h % G (tiling the heads with repeat instead of
+    repeat_interleave): with 6 query and 2 key/value heads, heads 0, 1, 2 share kv head 0. Also a
+    missing causal mask or 1/sqrt(D) scale. Reference: transformers' repeat_kv, then
+    F.scaled_dot_product_attention; G = 2 (grouped), 1 (multi-query), 6 (multi-head)."""
+    ex = impl("ch04_transformer")
+    q = randn(2, 6, 5, 4)
+    for n_kv_head in (2, 1, 6):
+        k, v = randn(2, n_kv_head, 5, 4, seed=1), randn(2, n_kv_head, 5, 4, seed=2)
+        rep = 6 // n_kv_head
+        want = F.scaled_dot_product_attention(
+            q, repeat_kv(k, rep), repeat_kv(v, rep), is_causal=True
+        )
+        out = ex.grouped_query_attention(q, k, v)
+        assert out.shape == (2, 6, 5, 4), (
+            f"expected (B, H, T, D) = (2, 6, 5, 4) with {n_kv_head} kv heads, got "
+            f"{tuple(out.shape)}"
+        )
+        torch.testing.assert_close(out, want, **F64, msg=f"with {n_kv_head} key/value heads")
