@@ -422,8 +422,9 @@ def evaluate_loss(
 @torch.no_grad()
 def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -> float:
     """Seconds to compute the next token's logits when `position` tokens come before it (the
-    median of `repeats`): with the KV cache, one token's forward pass against `position`
-    cached keys and values; without, the forward pass of all `position + 1` tokens."""
+    fastest of `repeats`: other work on the machine only ever adds time): with the KV cache,
+    one token's forward pass against `position` cached keys and values; without, the forward
+    pass of all `position + 1` tokens."""
     import time
 
     c = model.config
@@ -448,7 +449,7 @@ def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -
         else:
             model(idx)
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return min(times)
 
 
 # ---------------------------------------------------------------------------------------------
