@@ -178,3 +178,43 @@ def multi_head_attention(
     k = split_heads(x_kv @ w_k.T, n_heads)
     v = split_heads(x_kv @ w_v.T, n_heads)
     return merge_heads(scaled_dot_product_attention(q, k, v, mask)) @ w_o.T
+
+
+def online_softmax_update(
+    m: Tensor, denom: Tensor, acc: Tensor, scores: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One tile of the online softmax, the update at the heart of FlashAttention.
+
+    Attention over keys seen one tile at a time keeps, for each query row, the largest score so
+    far `m`, the sum `denom` of exp(score - m) and the sum `acc` of exp(score - m) * v. A new
+    tile of `scores` with values `v` updates them:
+
+        m_new = max(m, max of the tile's scores)
+        denom = exp(m - m_new) * denom + sum_j exp(s_j - m_new)
+        acc   = exp(m - m_new) * acc   + sum_j exp(s_j - m_new) * v_j
+
+    Starting from m = -inf, denom = 0, acc = 0, after the last tile acc / denom equals
+    softmax(all scores) @ all values. A row whose scores so far are all -inf (masked) must keep
+    denom = 0 and acc = 0, never NaN.
+
+    Args:
+        m, denom: `(..., n)` running maximum and denominator of n query rows.
+        acc: `(..., n, d_v)` running numerator.
+        scores: `(..., n, t)` this tile's scores (-inf where masked).
+        v: `(..., t, d_v)` this tile's values.
+    Returns:
+        `(m_new, denom_new, acc_new)`, shaped like `(m, denom, acc)`.
+
+    Example:
+        >>> m, denom, acc = torch.tensor([-math.inf]), torch.zeros(1), torch.zeros(1, 1)
+        >>> s, v = torch.tensor([[0.0, math.log(3.0)]]), torch.tensor([[4.0], [8.0]])
+        >>> m, denom, acc = online_softmax_update(m, denom, acc, s, v)
+        >>> acc / denom[..., None]  # 1/4 of 4 + 3/4 of 8
+        tensor([[7.]])
+    """
+    m_new = torch.maximum(m, scores.amax(dim=-1))
+    # Where every score so far is -inf, subtract 0 instead: exp(-inf - (-inf)) would be NaN.
+    shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(scores - shift[..., None])
+    alpha = torch.exp(m - shift)  # rescales what was summed under the old maximum
+    return m_new, alpha * denom + p.sum(dim=-1), alpha[..., None] * acc + p @ v

@@ -35,6 +35,10 @@ OFF_LIMITS = {
         "minillm.attention.scaled_dot_product_attention",
         "minillm.attention.MultiHeadAttention.forward",
     ),
+    "online_softmax_update": (
+        "minillm.flash_attention.online_softmax_update",
+        "minillm.flash_attention.flash_attention_forward",
+    ),
 }
 
 F64 = {"atol": 1e-12, "rtol": 0.0}
@@ -188,3 +192,26 @@ def test_multi_head_attention_cross_and_causal(impl):
     expected, _ = mha(x_kv, x_kv, x_kv, attn_mask=~causal, need_weights=False)
     out = ex.multi_head_attention(x_kv, x_kv, *weights, n_heads=2, mask=causal)
     torch.testing.assert_close(out, expected, **F64)
+
+
+@pytest.mark.points(3)
+def test_online_softmax_over_tiles_equals_the_softmax(impl):
+    """Catches forgetting to rescale the running denominator or accumulator by exp(m - m_new)
+    when a tile raises a row's maximum (row 1's largest score is in the last tile), and NaN for
+    a row whose first tile is wholly masked (-inf). Walks 10 keys in tiles of 4, 3 and 3;
+    reference: torch's softmax over all scores at once, and the running maximum."""
+    ex = impl("ch03_attention")
+    scores = randn(3, 10) * 3
+    scores[0, :4] = float("-inf")
+    scores[1, 9] = 40.0
+    v = randn(10, 2, seed=1)
+    m = torch.full((3,), float("-inf"), dtype=torch.float64)
+    denom, acc = torch.zeros(3, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    for start, end in ((0, 4), (4, 7), (7, 10)):
+        m, denom, acc = ex.online_softmax_update(m, denom, acc, scores[:, start:end], v[start:end])
+        assert torch.isfinite(denom).all() and torch.isfinite(acc).all(), (
+            f"NaN or inf after the tile of keys {start}..{end - 1}: a row whose scores so far "
+            "are all -inf must keep denom = 0 and acc = 0"
+        )
+        torch.testing.assert_close(m, scores[:, :end].amax(-1), **F64)
+    torch.testing.assert_close(acc / denom[:, None], torch.softmax(scores, -1) @ v, **F64)
