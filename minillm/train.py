@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from minillm import checkpoint, data, rundir
 from minillm.config import to_dict
@@ -28,7 +29,6 @@ from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 from minillm.train_config import DataConfig, TrainConfig
-from minillm.utils import progress_bar
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -114,16 +114,12 @@ class Trainer:
         self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics
         self.progress = progress and self.is_main
         self._check_sample_prompt()
-        self.read_only = self.run_dir.is_dir() and not rundir.is_writable(self.run_dir)
-        # One run per folder: rank 0 holds the lock (naming this process) until fit() ends.
-        self._lock = rundir.acquire(self.run_dir) if self.is_main and not self.read_only else None
-        if self._lock and not (self.run_dir / checkpoint.TOKENIZER).is_file():
-            with rundir.atomic_path(self.run_dir / checkpoint.TOKENIZER) as tmp:
-                self.tokenizer.save(tmp)
         self.train_batches, self.val_tokens, self.train_tokens = self._data(text)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self._tensorboard = _tensorboard_writer(self.run_dir) if self._lock else None
+        self.read_only = False
+        self._lock: rundir.RunLock | None = None  # held by rank 0 while fit() runs
+        self._tensorboard = None
 
     def _check_sample_prompt(self) -> None:
         """The end-of-training sample's settings, checked before training rather than after."""
@@ -164,20 +160,30 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to `max_iters` (resuming first), holding the run folder's lock meanwhile."""
+        self.read_only = self.run_dir.is_dir() and not rundir.is_writable(self.run_dir)
+        if self.is_main and not self.read_only:
+            self._lock = rundir.acquire(self.run_dir)  # one run per folder, named in refusals
+            if not (self.run_dir / checkpoint.TOKENIZER).is_file():
+                with rundir.atomic_path(self.run_dir / checkpoint.TOKENIZER) as tmp:
+                    self.tokenizer.save(tmp)
+            self._tensorboard = _tensorboard_writer(self.run_dir)
         try:
             return self._fit()
         finally:
             if self._lock is not None:
                 self._lock.release()  # the next run (or a resume in this process) may start
+                self._lock = None
             if self._tensorboard is not None:
                 self._tensorboard.close()
+                self._tensorboard = None
 
     def _fit(self) -> TrainResult:
         c = self.config
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
         evaluation = {}
-        bar = progress_bar(
+        bar = tqdm(
             total=c.max_iters,
             initial=self.step,
             desc="training",

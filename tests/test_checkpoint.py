@@ -142,6 +142,20 @@ def test_a_pickle_bomb_of_shared_references_is_refused_in_seconds(saved):
     _refused(lambda: checkpoint.load_state(saved), "holds more than 100,000 items")
 
 
+def test_deepspeed_files_are_read_weights_only_and_bounded(tmp_path, payload):
+    from minillm.engines.deepspeed import load_file_weights_only
+
+    plain = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19"}, plain)
+    assert load_file_weights_only(plain)["module"]["w"].tolist() == [1.0, 1.0]
+    for content, match in (
+        ({"module": {}, "client_state": payload}, "is not a DeepSpeed checkpoint file"),
+        ({"module": _laughs(25)}, "holds more than 100,000 items"),
+    ):
+        torch.save(content, plain)
+        _refused(lambda: load_file_weights_only(plain), match)
+
+
 def test_deeply_nested_state_is_refused(saved):
     nested: dict = {}
     for _ in range(200):

@@ -4,6 +4,7 @@ NaN detection, precision options, checkpoints that refuse corrupt files, and sam
 import csv
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,6 +333,30 @@ def test_state_file_never_unpickles_arbitrary_objects(finished_run, tmp_path):
 def test_not_a_checkpoint_says_what_to_pass(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="Pass a run folder"):
         load_for_sampling(tmp_path)
+
+
+def test_resume_after_a_kill_that_left_empty_or_torn_logs(finished_run, tmp_path):
+    """A kill while a log was being created or appended: an empty metrics.csv (it used to be an
+    IndexError on resume) and an evals.csv whose last line is torn."""
+    run_dir = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    (run_dir / "metrics.csv").write_text("")
+    evals = run_dir / "evals.csv"
+    evals.write_text(evals.read_text() + "20,3.1")  # no newline: torn mid-write
+    config = load_config(None, [*TINY, f"out_dir={run_dir}", "max_iters=20"])
+    Trainer(config, progress=False).fit()
+    steps, evaluations = read_metrics(run_dir)
+    assert [int(r["step"]) for r in steps] == list(range(11, 21))
+    assert [int(r["step"]) for r in evaluations] == [10, 15, 20]  # the torn row is gone
+    assert (run_dir / "metrics.csv").read_text().startswith("step,loss,lr,grad_norm,")
+
+
+def test_a_trainer_writes_nothing_until_it_fits(tmp_path):
+    config = tiny(tmp_path, "max_iters=5")
+    first = Trainer(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    Trainer(config, progress=False).fit()  # a second Trainer on the folder: no lock held
+    first.fit()  # resumes the finished run: nothing left to train
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")[0]] == [1, 2, 3, 4, 5]
 
 
 def test_resume_into_a_run_with_another_model_is_refused(finished_run):
