@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minillm import checkpoint, data, rundir
 from minillm.config import to_dict
@@ -29,6 +28,7 @@ from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
 from minillm.train_config import DataConfig, TrainConfig
+from minillm.utils import progress_bar
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -183,7 +183,7 @@ class Trainer:
         self._resume_if_possible()
         start, start_step = time.perf_counter(), self.step
         evaluation = {}
-        bar = tqdm(
+        bar = progress_bar(
             total=c.max_iters,
             initial=self.step,
             desc="training",
