@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fresh",
         action="store_true",
-        help="delete the run folder first instead of resuming from its last checkpoint",
+        help="delete the run folder first instead of resuming from its last checkpoint (only a "
+        "folder minillm created, and not while another run uses it)",
     )
     p.set_defaults(run=_train)
 
