@@ -664,3 +664,78 @@ def cached_model(model: GPT, train, key: dict, folder: str | Path | None = None)
     torch.save(model.state_dict(), part)
     part.replace(path)  # whole or absent, even if interrupted
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A compressed checkpoint: quantised weights that sample like any other checkpoint
+# ---------------------------------------------------------------------------------------------
+
+COMPRESSION = "compression.json"  # marks a checkpoint folder whose weights are quantised
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of every file under `folder`: what a checkpoint costs on disk."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_compressed(
+    source: str | Path,
+    out: str | Path,
+    bits: int = 8,
+    scheme: str = "absmax",
+    per_channel: bool = True,
+) -> Path:
+    """Write the checkpoint `source` (a checkpoint folder, or a run folder's latest checkpoint)
+    to the folder `out` with its blocks' linear weights quantised (`quantize_model`): the run
+    config and tokenizer beside the weights, `COMPRESSION` naming the scheme, and a manifest of
+    every file, as in any checkpoint. `load_compressed` reads it back. Returns `out`."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from minillm import checkpoint
+    from minillm.sample import load_for_sampling
+
+    folder = checkpoint.resolve(Path(source))
+    model, _ = load_for_sampling(folder)
+    quantized = quantize_model(model, bits, scheme, per_channel)  # checks bits and scheme
+    out = Path(out)
+    if out.resolve() == folder.resolve():
+        raise InputError(f"write the compressed checkpoint to a new folder, not over {folder}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(quantized, str(out / checkpoint.WEIGHTS))
+    shutil.copyfile(folder / checkpoint.CONFIG, out / checkpoint.CONFIG)
+    if (folder / checkpoint.TOKENIZER).is_file():
+        shutil.copyfile(folder / checkpoint.TOKENIZER, out / checkpoint.TOKENIZER)
+    described = {"bits": bits, "scheme": scheme, "per_channel": per_channel}
+    (out / COMPRESSION).write_text(json.dumps(described) + "\n")
+    checkpoint.write_manifest(out)
+    return out
+
+
+def load_compressed(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, object]:
+    """The quantised GPT and the tokenizer of a folder `write_compressed` wrote, checked against
+    its manifest first."""
+    import json
+
+    from safetensors.torch import load_model
+
+    from minillm import checkpoint
+    from minillm.model import GPTConfig
+    from minillm.tokenizer import load as load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / COMPRESSION).is_file():
+        raise InputError(f"{folder} has no {COMPRESSION}: it is not a compressed checkpoint")
+    checkpoint.verify(folder)
+    described = json.loads((folder / COMPRESSION).read_text())
+    config = checkpoint.load_config(folder)
+    skeleton = GPT(GPTConfig.from_dict(config["model"]))
+    model = quantize_model(
+        skeleton, described["bits"], described["scheme"], described["per_channel"]
+    ).to(device)
+    load_model(model, str(folder / checkpoint.WEIGHTS), strict=True, device=str(device))
+    tokenizer_file = folder / checkpoint.TOKENIZER
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    return model.eval(), tokenizer

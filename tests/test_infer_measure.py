@@ -196,3 +196,61 @@ def test_speculative_generate_refuses_what_it_cannot_do():
         infer.speculative_generate(target, target, prompt, 15)
     with pytest.raises(InputError, match="one prompt"):
         infer.speculative_generate(target, target, prompt.expand(2, -1), 3)
+
+
+# -- compressed checkpoints -----------------------------------------------------------------
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    from minillm import checkpoint
+    from minillm.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.train("abcdefghijkl")
+    model = fresh()
+    checkpoint.save(
+        tmp_path / "run", 7, model, {"step": 7}, {"model": CONFIG.to_dict()}, tokenizer=tokenizer
+    )
+    return tmp_path / "run", model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_compressed_checkpoint_is_smaller_and_samples_like_the_quantised_model(
+    run_folder, tmp_path, bits
+):
+    from minillm import checkpoint
+    from minillm.sample import load_for_sampling
+
+    run, model = run_folder
+    out = infer.write_compressed(run, tmp_path / f"int{bits}", bits=bits)
+    assert infer.folder_bytes(out) < infer.folder_bytes(checkpoint.resolve(run))
+    checkpoint.verify(out)  # a manifest like any checkpoint's
+    loaded, tokenizer = infer.load_compressed(out)
+    assert tokenizer.decode(tokenizer.encode("abc")) == "abc"
+    reference = infer.quantize_model(load_for_sampling(run)[0], bits)
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], reference(idx)[0])
+    prompt = torch.tensor([[1, 2]])
+    assert torch.equal(
+        generate(loaded, prompt, 10, temperature=0), generate(reference, prompt, 10, temperature=0)
+    )
+
+
+def test_compressed_checkpoints_refuse_bad_input_and_damage(run_folder, tmp_path):
+    from minillm import checkpoint
+
+    run, _ = run_folder
+    with pytest.raises(InputError, match="bits"):
+        infer.write_compressed(run, tmp_path / "x", bits=3)
+    with pytest.raises(checkpoint.CheckpointError):
+        infer.write_compressed(tmp_path / "nothing", tmp_path / "y")
+    with pytest.raises(InputError, match="new folder"):
+        infer.write_compressed(run, checkpoint.resolve(run))
+    with pytest.raises(InputError, match="not a compressed checkpoint"):
+        infer.load_compressed(checkpoint.resolve(run))
+    out = infer.write_compressed(run, tmp_path / "int8")
+    weights = out / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(checkpoint.CheckpointError):
+        infer.load_compressed(out)
