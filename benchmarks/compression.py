@@ -19,6 +19,7 @@ import argparse
 import copy
 import io
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -108,6 +109,10 @@ def quantisation(args, device: torch.device) -> None:
     }
     if device.type == "cpu":  # PyTorch's dynamic quantisation has CPU kernels only
         from torch.ao.quantization import quantize_dynamic
+
+        # it warns that it is moving to torchao; it still runs
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_")
 
         variants["torch int8 dynamic"] = quantize_dynamic(copy.deepcopy(model), linears)
     print(
