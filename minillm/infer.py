@@ -422,9 +422,10 @@ def evaluate_loss(
 @torch.no_grad()
 def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -> float:
     """Seconds to compute the next token's logits when `position` tokens come before it (the
-    fastest of `repeats`: other work on the machine only ever adds time): with the KV cache,
-    one token's forward pass against `position` cached keys and values; without, the forward
-    pass of all `position + 1` tokens."""
+    fastest of `repeats`: other work only ever adds time): with the KV cache, one token's
+    forward pass against `position` cached keys and values; without, the forward pass of all
+    `position + 1` tokens. On a CPU it is this process's CPU time, which other processes on a
+    shared machine do not inflate; on a GPU, wall time after synchronising."""
     import time
 
     c = model.config
@@ -432,6 +433,8 @@ def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -
         raise InputError(f"position must be in [0, block_size={c.block_size}), got {position}")
     model.eval()
     device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    clock = time.perf_counter if on_gpu else time.process_time
     idx = torch.randint(
         0, c.vocab_size, (1, position + 1), generator=torch.Generator().manual_seed(0)
     )
@@ -443,12 +446,16 @@ def step_seconds(model: GPT, position: int, use_cache: bool, repeats: int = 5) -
     times = []
     for _ in range(repeats):
         cache.layers = list(filled)  # the same cache every time, not one a token longer
-        start = time.perf_counter()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        start = clock()
         if use_cache:
             model(idx[:, -1:], cache=cache)
         else:
             model(idx)
-        times.append(time.perf_counter() - start)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        times.append(clock() - start)
     return min(times)
 
 
