@@ -123,3 +123,16 @@ def test_evaluation_is_the_same_under_every_engine_for_the_same_weights(engine, 
             ).evaluate(),
             abs=EVAL_TOLERANCE,
         )
+
+
+def test_the_ddp_engine_outside_a_launcher_says_how_to_start_it(monkeypatch, capsys, tmp_path):
+    from minillm import cli
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config(None, TINY)
+    with pytest.raises(InputError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT is not set"):
+        DDPEngine(GPT(config.model), config, torch.device("cpu"))
+    argv = ["train", "--ddp", "--deepspeed", "configs/deepspeed/zero2.json"]
+    assert cli.main([*argv, "--set", f"out_dir={tmp_path}"]) == 2
+    assert "--ddp and --deepspeed choose two different engines" in capsys.readouterr().err
