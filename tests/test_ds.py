@@ -180,6 +180,7 @@ def test_cpu_offload_trains_and_matches(tmp_path, single_process, monkeypatch):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three launches: 175 s alone, over 300 s on a shared 2-core machine
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_zero_run_resumes_where_an_uninterrupted_one_ends(stage, tmp_path):
     import signal
