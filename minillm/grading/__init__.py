@@ -278,7 +278,12 @@ def feedback(test: GradedTest, verbose: bool = False) -> str:
         lines += textwrap.wrap(
             test.checks, width, initial_indent="  checks: ", subsequent_indent="          "
         )
-    message = test.message.strip().split("\n\n", 1)[0].splitlines()[:8] or [""]
+    message = []
+    for line in test.message.strip().splitlines()[:8]:
+        if not line.strip():
+            break  # the first paragraph: the message, not the traceback after it
+        message.append(line.rstrip())
+    message = message or [""]
     lines.append(f"  got:    {message[0]}")
     lines += [f"          {line}" for line in message[1:]]
     if verbose and test.output:
