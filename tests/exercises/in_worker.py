@@ -4,7 +4,8 @@ need objects there: autograd through a student function, and processes started w
 A graded test calls `ex.run_helper(helper, *args)`; the helper gets the student's module (`ex`)
 and must return plain data (tensors, numbers, lists), never a verdict: the student's code runs
 in this process and could change anything computed here, so the trusted test computes every
-reference itself and compares.
+reference itself and compares. Processes talk over gloo, on the CPU, even where there are GPUs:
+the tensors of these tests live on the CPU.
 """
 
 import importlib
@@ -56,7 +57,9 @@ def _ring_rank(rank, world_size, package, lengths):
 def ring_all_reduce_on_ranks(ex, world_size, lengths):
     """Per rank: ring_all_reduce of `ring_input(rank, n)` for each n, and how often it called
     dist.all_reduce or minillm's own ring_all_reduce (both off limits)."""
-    return launch(_ring_rank, world_size, ex.__name__.split(".")[0], lengths, echo=False)
+    return launch(
+        _ring_rank, world_size, ex.__name__.split(".")[0], lengths, backend="gloo", echo=False
+    )
 
 
 def _average_rank(rank, world_size, package):
@@ -70,7 +73,7 @@ def _average_rank(rank, world_size, package):
 
 def average_gradients_on_ranks(ex, world_size):
     """Per rank: the weight and bias gradients after average_gradients."""
-    return launch(_average_rank, world_size, ex.__name__.split(".")[0], echo=False)
+    return launch(_average_rank, world_size, ex.__name__.split(".")[0], backend="gloo", echo=False)
 
 
 def batches(rank, k):
@@ -106,7 +109,15 @@ def _accumulate_rank(rank, world_size, package, k, steps):
 def accumulate_and_step_on_ranks(ex, world_size, k, steps):
     """Per rank: the parameters after `steps` calls of accumulate_and_step on `batches(rank,
     k)`, and how many all-reduces those calls made."""
-    return launch(_accumulate_rank, world_size, ex.__name__.split(".")[0], k, steps, echo=False)
+    return launch(
+        _accumulate_rank,
+        world_size,
+        ex.__name__.split(".")[0],
+        k,
+        steps,
+        backend="gloo",
+        echo=False,
+    )
 
 
 # -- chapter 09 --------------------------------------------------------------------------------
@@ -133,4 +144,6 @@ def _zero1_rank(rank, world_size, package, n, steps):
 def zero1_on_ranks(ex, world_size, n, steps):
     """Per rank: the parameters after `steps` ZeRO-1 steps, and the numel of each tensor the
     optimizer state holds."""
-    return launch(_zero1_rank, world_size, ex.__name__.split(".")[0], n, steps, echo=False)
+    return launch(
+        _zero1_rank, world_size, ex.__name__.split(".")[0], n, steps, backend="gloo", echo=False
+    )
