@@ -27,7 +27,6 @@ D = C // H features per head, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -373,16 +372,3 @@ class Llama(GPT):
             else:
                 x = block(x, is_causal=True, rotary=rotary, cache=cache, layer=i)
         return x
-
-    def part(
-        self,
-        layers: Iterable[int] = (),
-        *,
-        tokens: bool = False,
-        positions: bool = False,
-        head: bool = False,
-    ) -> Llama:
-        """`GPT.part`, as a `Llama`: a pipeline stage must run this class's `run_blocks`."""
-        stage = super().part(layers, tokens=tokens, positions=positions, head=head)
-        stage.__class__ = Llama  # GPT.part builds a bare GPT; its modules are this model's
-        return stage

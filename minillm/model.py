@@ -571,7 +571,7 @@ class GPT(nn.Module):
             raise InputError(
                 f"layers must be distinct block indices in [0, {n_layer}), got {layers}"
             )
-        part = GPT.__new__(GPT)  # not __init__: the part builds no modules of its own
+        part = type(self).__new__(type(self))  # not __init__: the part builds no modules of its own
         nn.Module.__init__(part)
         part.config, part.activation_checkpoint = self.config, None
         if tokens:
