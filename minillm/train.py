@@ -23,11 +23,10 @@ from minillm import checkpoint, data, rundir
 from minillm.config import to_dict
 from minillm.engines import PlainEngine
 from minillm.errors import InputError, MiniLLMError
-from minillm.model import GPT
 from minillm.sample import generate_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from minillm.tokenizer import load as load_tokenizer
-from minillm.train_config import DataConfig, TrainConfig
+from minillm.train_config import MODELS, DataConfig, TrainConfig
 from minillm.utils import progress_bar
 
 
@@ -108,7 +107,7 @@ class Trainer:
                 f"tokens but model.vocab_size is {c.model.vocab_size}; set model.vocab_size="
                 f"{self.tokenizer.vocab_size}"
             )
-        self.model = GPT(c.model).to(self.device)
+        self.model = MODELS[c.architecture][1](c.model).to(self.device)
         self.model.set_activation_checkpointing(c.activation_checkpointing)
         self.engine = engine_factory(self.model, c, self.device)
         self.is_main = self.engine.rank == 0  # only rank 0 logs, prints and writes metrics

@@ -4,15 +4,19 @@ configs read from YAML with `key=value` overrides (`minillm train --set ...`).""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.config import apply_overrides, build, load_yaml
-from minillm.errors import InputError, unknown_name
-from minillm.model import GPTConfig
+from minillm.errors import InputError, InputTypeError, unknown_name
+from minillm.llama import Llama, LlamaConfig
+from minillm.model import GPT, GPTConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("char", "bpe")
+# architecture -> (its model config, its model)
+MODELS = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}
 
 
 @dataclass
@@ -61,7 +65,8 @@ def _in_range(name: str, value: float, *, low: float, high: float = math.inf, lo
 
 @dataclass
 class TrainConfig:
-    model: GPTConfig = field(default_factory=GPTConfig)
+    architecture: str = "gpt"  # "gpt" (minillm.model.GPT) or "llama" (minillm.llama.Llama)
+    model: GPTConfig | LlamaConfig | None = None  # None: the architecture's defaults
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 12  # sequences per micro-batch
@@ -81,6 +86,16 @@ class TrainConfig:
     sample_prompt: str = "\n"
 
     def __post_init__(self) -> None:
+        if self.architecture not in MODELS:
+            raise unknown_name("architecture", self.architecture, tuple(MODELS))
+        kind = MODELS[self.architecture][0]
+        if self.model is None or isinstance(self.model, Mapping):  # build() leaves it a dict
+            self.model = build(kind, self.model, "model")
+        elif not isinstance(self.model, kind):
+            raise InputTypeError(
+                f"architecture {self.architecture!r} takes a {kind.__name__} as model, got "
+                f"{type(self.model).__name__}"
+            )
         for name in (
             "batch_size",
             "grad_accum",

@@ -5,6 +5,7 @@ the model against transformers' LlamaForCausalLM in both directions, generation 
 against generation without it and against transformers' greedy generate."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ from minillm.llama import (
     swiglu_hidden_size,
 )
 from minillm.model import GPT, GPTConfig, KVCache, apply_rotary, rotary_cos_sin
+from minillm.sample import load_for_sampling
+from minillm.train import Trainer
+from minillm.train_config import load_config
 
 # float32 logits of minillm and transformers agree to rounding (measured: at most 8e-7 on logits
 # of size 2); float64 comparisons of one implementation with itself to 1e-10.
@@ -391,3 +395,49 @@ def test_fine_tuning_tools_take_the_llama():
     loss.backward()
     assert prompt.prompt.grad is not None
     assert all(p.grad is None for p in llama.parameters())
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_trainer_trains_resumes_and_samples_a_llama(tmp_path):
+    """configs/train/shakespeare_char_llama.yaml at toy size: the Trainer builds a Llama, trains
+    it, resumes it from its checkpoint and sampling rebuilds it from the folder."""
+    tiny = [
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.block_size=16",
+        "batch_size=4",
+        "eval_interval=10",
+        "eval_iters=2",
+        "checkpoint_interval=10",
+        "sample_tokens=0",
+        "optim.warmup_iters=5",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    path = REPO / "configs/train/shakespeare_char_llama.yaml"
+    first = Trainer(load_config(path, [*tiny, "max_iters=10"]), progress=False)
+    assert isinstance(first.model, Llama) and isinstance(first.config.model, LlamaConfig)
+    first.fit()
+    resumed = Trainer(load_config(path, [*tiny, "max_iters=20"]), progress=False)
+    resumed.fit()
+    model, _ = load_for_sampling(tmp_path / "run")
+    assert isinstance(model, Llama) and model.config == resumed.config.model
+    for a, b in zip(model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    assert torch.equal(
+        generate(model, prompt, 5, temperature=0),
+        generate(resumed.model.eval(), prompt, 5, temperature=0),
+    )
+
+
+@pytest.mark.parametrize("architecture", ["llamma", ["gpt"], None])
+def test_a_checkpoint_naming_an_unknown_architecture_is_refused(architecture):
+    """A checkpoint config from elsewhere names its architecture; anything but "gpt" or "llama"
+    is one InputError listing both, never a KeyError or TypeError."""
+    from minillm.engines.common import rebuild_model
+
+    config = {"architecture": architecture, "model": GPTConfig().to_dict()}
+    with pytest.raises(InputError, match="gpt, llama"):
+        rebuild_model(config, {}, torch.device("cpu"))

@@ -13,11 +13,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minillm import checkpoint
-from minillm.errors import InputError
-from minillm.model import GPT, GPTConfig
+from minillm.errors import InputError, unknown_name
+from minillm.model import GPT
 from minillm.parallel.ddp import shard_batch
 from minillm.parallel.launch import default_backend
-from minillm.train_config import OptimConfig, TrainConfig
+from minillm.train_config import MODELS, OptimConfig, TrainConfig
 
 
 def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
@@ -81,9 +81,13 @@ def shard_pair(x: Tensor, y: Tensor, rank: int, world_size: int) -> tuple[Tensor
 def rebuild_model(
     config: Mapping, weights: Mapping[str, Tensor] | Path, device: str | torch.device = "cpu"
 ) -> GPT:
-    """The GPT a checkpoint's `config` (the run's whole config) describes, holding `weights`:
-    a state dict, or a checkpoint folder to read `model.safetensors` from."""
-    model = GPT(GPTConfig.from_dict(config["model"])).to(device)
+    """The model (GPT or Llama) a checkpoint's `config` (the run's whole config) describes,
+    holding `weights`: a state dict, or a checkpoint folder to read `model.safetensors` from."""
+    architecture = config.get("architecture", "gpt")  # runs saved before the Llama are GPTs
+    if not isinstance(architecture, str) or architecture not in MODELS:
+        raise unknown_name("checkpoint architecture", str(architecture), MODELS)
+    config_class, model_class = MODELS[architecture]
+    model = model_class(config_class.from_dict(config["model"])).to(device)
     if isinstance(weights, Path):
         checkpoint.load_weights(weights, model)
     else:
