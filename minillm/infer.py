@@ -729,16 +729,29 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu") -> t
     from safetensors.torch import load_model
 
     from minillm import checkpoint
-    from minillm.model import GPTConfig
     from minillm.tokenizer import load as load_tokenizer
+    from minillm.train_config import MODELS  # imported here: train_config imports the models
 
     folder = Path(folder)
     if not (folder / COMPRESSION).is_file():
         raise InputError(f"{folder} has no {COMPRESSION}: it is not a compressed checkpoint")
     checkpoint.verify(folder)
     described = json.loads((folder / COMPRESSION).read_text())
+    if (
+        not isinstance(described, dict)
+        or set(described) != {"bits", "scheme", "per_channel"}
+        or not isinstance(described["per_channel"], bool)
+    ):
+        raise InputError(
+            f"{folder / COMPRESSION} is not what write_compressed writes "
+            '({"bits": 8 or 4, "scheme": ..., "per_channel": true or false}); write it again'
+        )
     config = checkpoint.load_config(folder)
-    skeleton = GPT(GPTConfig.from_dict(config["model"]))
+    architecture = config.get("architecture", "gpt")
+    if not isinstance(architecture, str) or architecture not in MODELS:
+        raise unknown_name("checkpoint architecture", str(architecture), MODELS)
+    config_class, model_class = MODELS[architecture]
+    skeleton = model_class(config_class.from_dict(config["model"]))
     model = quantize_model(
         skeleton, described["bits"], described["scheme"], described["per_channel"]
     ).to(device)

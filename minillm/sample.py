@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from minillm import checkpoint
+from minillm import checkpoint, infer
 from minillm.engines.common import rebuild_model
 from minillm.errors import InputError, require_text
 from minillm.generate import generate
@@ -57,6 +57,13 @@ def load_for_sampling(
 ) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a checkpoint folder, or of a run folder's latest checkpoint."""
     folder = checkpoint.resolve(Path(path))
+    if (folder / infer.COMPRESSION).is_file():  # `minillm compress` wrote it: quantised weights
+        model, tokenizer = infer.load_compressed(folder, device)
+        if tokenizer is None:
+            raise checkpoint.CheckpointError(
+                f"{folder} has no {checkpoint.TOKENIZER}; it cannot decode samples"
+            )
+        return model, tokenizer
     config = checkpoint.load_config(folder)
     model = rebuild_model(config, folder, device)
     tokenizer_file = folder / checkpoint.TOKENIZER

@@ -254,3 +254,53 @@ def test_compressed_checkpoints_refuse_bad_input_and_damage(run_folder, tmp_path
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     with pytest.raises(checkpoint.CheckpointError):
         infer.load_compressed(out)
+
+
+def test_minillm_compress_then_sample_reads_the_quantised_weights(run_folder, tmp_path, capsys):
+    """The command line's way to a compressed checkpoint: `minillm compress` writes it and says
+    how much smaller it is; `minillm sample` on it generates what the quantised model does."""
+    from minillm import checkpoint, cli
+    from minillm.sample import generate_text, load_for_sampling
+
+    run, _ = run_folder
+    assert cli.main(["compress", str(run), str(tmp_path / "int4"), "--bits", "4"]) == 0
+    printed = capsys.readouterr().out
+    before, after = (infer.folder_bytes(p) for p in (checkpoint.resolve(run), tmp_path / "int4"))
+    assert f"{before:,} bytes" in printed and f"{after:,} bytes" in printed
+    loaded, tokenizer = load_for_sampling(tmp_path / "int4")
+    reference = infer.quantize_model(load_for_sampling(run)[0], 4)
+    expected = generate_text(reference, tokenizer, "ab", 8, temperature=0)
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "int4"),
+                "--prompt",
+                "ab",
+                "--tokens",
+                "8",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == expected.strip()
+    assert generate_text(loaded, tokenizer, "ab", 8, temperature=0) == expected
+
+
+@pytest.mark.parametrize(
+    "record", ['{"bits": 8}', "[8]", '{"bits": 8, "scheme": "absmax", "per_channel": "yes"}']
+)
+def test_a_compression_record_from_elsewhere_is_refused(run_folder, tmp_path, record):
+    """compression.json is read from a folder that may come from anywhere: anything but the
+    record write_compressed writes is one InputError, never a KeyError or TypeError."""
+    from minillm import checkpoint
+
+    run, _ = run_folder
+    out = infer.write_compressed(run, tmp_path / "int8")
+    (out / infer.COMPRESSION).write_text(record)
+    checkpoint.write_manifest(out)  # a consistent folder: only the record is foreign
+    with pytest.raises(InputError, match="not what write_compressed writes"):
+        infer.load_compressed(out)
