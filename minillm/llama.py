@@ -207,13 +207,8 @@ class LlamaAttention(nn.Module):
         k = rotate(self._heads(self.k_proj(x)), *rotary)  # (B, G, T, D)
         v = self._heads(self.v_proj(x))
         if cache is not None:
-            past = cache.layers[layer]
-            if past is not None:
-                if x.shape[1] != 1:
-                    raise InputError("a filled KV cache takes one new token per call")
-                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-                is_causal = False  # the one new query may attend to every cached key
-            cache.layers[layer] = (k, v)
+            k, v, extended = cache.extend(layer, k, v)
+            is_causal = is_causal and not extended
         k, v = share_kv_heads(k, self.n_rep), share_kv_heads(v, self.n_rep)
         dropout_p = self.dropout if self.training else 0.0
         if self.attention == "flash":

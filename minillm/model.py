@@ -100,6 +100,18 @@ class KVCache:
         """Bytes held: 2 x n_layer x B x S x C x bytes per value."""
         return sum(t.numel() * t.element_size() for kv in self.layers if kv for t in kv)
 
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Append one call's keys and values `(B, H, T, D)` to layer `layer`'s and return all of
+        them, with whether any were cached before: then the call is one new token, whose query
+        may attend to every cached key (no causal mask)."""
+        past = self.layers[layer]
+        if past is not None:
+            if k.shape[2] != 1:
+                raise InputError("a filled KV cache takes one new token per call")
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v, past is not None
+
 
 class Attention(nn.Module):
     """Multi-head attention with projections `q_proj`, `k_proj`, `v_proj`, `o_proj`.
@@ -159,13 +171,8 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            past = cache.layers[layer]
-            if past is not None:
-                if x.shape[1] != 1:
-                    raise InputError("a filled KV cache takes one new token per call")
-                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-                is_causal = False  # the one new query may attend to every cached key
-            cache.layers[layer] = (k, v)
+            k, v, extended = cache.extend(layer, k, v)
+            is_causal = is_causal and not extended
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         dropout_p = self.dropout if self.training else 0.0
         if self.manual:
