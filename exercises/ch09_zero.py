@@ -39,14 +39,16 @@ def bytes_per_rank(
     n_params: int, stage: int, world_size: int, precision: str = "fp32"
 ) -> dict[str, int]:
     """Bytes one rank holds at ZeRO `stage` (0-3) for a model of `n_params` parameters:
-    `{"parameters": ..., "gradients": ..., "optimizer": ...}`, where "optimizer" is Adam's two
-    fp32 moments plus, in mixed precision ("bf16" or "fp16"), the fp32 master weights.
+    `{"parameters": ..., "gradients": ..., "master_weights": ..., "optimizer_states": ...}`
+    (the names of `minillm.memory.STATE_PARTS`): "master_weights" is the fp32 copy that mixed
+    precision ("bf16" or "fp16") keeps (0 bytes in fp32), "optimizer_states" Adam's two fp32
+    moments; both are sharded from stage 1.
 
     Stage 1 shards the optimizer states, stage 2 also the gradients, stage 3 also the parameters;
     a sharded part holds `ceil(n_params / world_size)` values on each rank.
 
     >>> bytes_per_rank(1000, 1, 4, "bf16")
-    {'parameters': 2000, 'gradients': 2000, 'optimizer': 3000}
+    {'parameters': 2000, 'gradients': 2000, 'master_weights': 1000, 'optimizer_states': 2000}
 
     Off limits: `minillm.parallel.zero.zero_state_bytes` (this exercise asks you to write it; a call
     fails the test).
@@ -55,7 +57,7 @@ def bytes_per_rank(
 
 
 def max_params(memory_bytes: float, stage: int, world_size: int, precision: str = "bf16") -> int:
-    """The largest parameter count whose model state (`bytes_per_rank`'s three parts together)
+    """The largest parameter count whose model state (`bytes_per_rank`'s four parts together)
     fits in `memory_bytes` per rank at ZeRO `stage`; activations not counted.
 
     >>> max_params(80e9, 0, 8)  # 16 bytes a parameter, unsharded: 5e9

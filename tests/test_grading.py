@@ -254,9 +254,7 @@ def test_unknown_chapter_is_refused(demo_repo):
     assert run.returncode == 2 and "ch98" in run.stderr
 
 
-def test_tests_that_cannot_be_collected_stop_the_grade_and_still_write_results(
-    demo_repo, tmp_path
-):
+def test_tests_that_cannot_be_collected_stop_the_grade_and_still_write_results(demo_repo, tmp_path):
     broken = demo_repo / "tests" / "exercises" / "test_ch96_broken.py"
     broken.write_text("import a_module_that_does_not_exist\n")
     results = tmp_path / "results.json"

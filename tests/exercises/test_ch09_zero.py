@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minillm.engines import ds_config
+from minillm.memory import STATE_PARTS
 from minillm.train_config import OptimConfig, TrainConfig
 from tests.exercises import in_worker
 
@@ -39,17 +40,21 @@ def test_shard_range(impl):
 @pytest.mark.points(3)
 def test_bytes_per_rank(impl):
     """Catches sharding the parameters already at stage 2 (only stage 3 does), sharding the
-    gradients at stage 1, and forgetting the fp32 master copy in mixed precision (12 bytes of
-    optimizer state a parameter, not 8). Hand-counted: P = 1000, N = 4."""
+    gradients at stage 1, and forgetting the fp32 master copy in mixed precision (4 bytes a
+    parameter, sharded with the optimizer states). Hand-counted: P = 1000, N = 4."""
     ex = impl("ch09_zero")
     P, N = 1000, 4
+
+    def parts(parameters, gradients, master_weights, optimizer_states):
+        values = (parameters, gradients, master_weights, optimizer_states)
+        return dict(zip(STATE_PARTS, values, strict=True))
+
     mixed = [ex.bytes_per_rank(P, s, N, "bf16") for s in range(4)]
-    assert mixed[0] == {"parameters": 2 * P, "gradients": 2 * P, "optimizer": 12 * P}
-    assert mixed[1] == {"parameters": 2 * P, "gradients": 2 * P, "optimizer": 12 * P // N}
-    assert mixed[2] == {"parameters": 2 * P, "gradients": 2 * P // N, "optimizer": 12 * P // N}
-    assert mixed[3] == {"parameters": 2 * P // N, "gradients": 2 * P // N, "optimizer": 3 * P}
-    fp32 = ex.bytes_per_rank(P, 2, N, "fp32")
-    assert fp32 == {"parameters": 4 * P, "gradients": P, "optimizer": 2 * P}
+    assert mixed[0] == parts(2 * P, 2 * P, 4 * P, 8 * P)
+    assert mixed[1] == parts(2 * P, 2 * P, P, 2 * P)
+    assert mixed[2] == parts(2 * P, P // 2, P, 2 * P)
+    assert mixed[3] == parts(P // 2, P // 2, P, 2 * P)
+    assert ex.bytes_per_rank(P, 2, N, "fp32") == parts(4 * P, P, 0, 2 * P)
     assert ex.bytes_per_rank(10, 3, 4, "fp16")["parameters"] == 2 * 3  # ceil(10 / 4) values
 
 
