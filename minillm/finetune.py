@@ -143,7 +143,7 @@ def train_steps(
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise InputError(f"the loss became {losses[-1]} at step {len(losses)}: lower the rate")
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # redrawn by update()
     return losses
 
 

@@ -201,7 +201,8 @@ class Trainer:
                     self.FIELDS,
                     (self.step, loss, lr, norm, round(tokens_per_s)),
                 )
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                # refresh=False: the bar redraws on update(), at most every mininterval (a log)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update()
                 if self.step % c.eval_interval == 0 or self.step == c.max_iters:
                     evaluation = self.evaluate()
