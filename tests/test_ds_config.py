@@ -216,10 +216,10 @@ BAD = [
     "config, overrides, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD]
 )
 def test_bad_configs_are_refused_with_one_sentence_naming_the_key(config, overrides, message):
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine does not inflate it
     with pytest.raises(InputError) as refused:
         ds_config.prepare_config(config, train(*overrides), 2, "cpu")
-    assert time.perf_counter() - start < 10  # loose: no launch, no JIT build
+    assert time.process_time() - start < 10  # loose: no launch, no JIT build
     text = str(refused.value)
     assert message in text
     assert "\n" not in text and "Traceback" not in text
