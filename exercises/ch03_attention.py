@@ -118,8 +118,10 @@ def scaled_dot_product_attention(
                 [2.3395, 3.3395]])
 
     Off limits: `torch.nn.functional.scaled_dot_product_attention`,
-    `minillm.attention.scaled_dot_product_attention` (this exercise asks you to write it; a call
-    fails the test).
+    `minillm.attention.scaled_dot_product_attention`, and torch's softmax in every spelling
+    (`torch.softmax`, `torch.nn.functional.softmax`, `torch.Tensor.softmax`,
+    `torch.special.softmax`, and the `log_softmax` ones): use your `stable_softmax` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -186,9 +188,10 @@ def multi_head_attention(
         torch.Size([2, 5, 8])
 
     Off limits: `torch.nn.functional.multi_head_attention_forward`,
-    `torch.nn.functional.scaled_dot_product_attention`,
+    `torch.nn.MultiheadAttention.forward`, `torch.nn.functional.scaled_dot_product_attention`,
     `minillm.attention.scaled_dot_product_attention`, `minillm.attention.MultiHeadAttention.forward`
-    (this exercise asks you to write it; a call fails the test).
+    and torch's softmax in every spelling, as for `scaled_dot_product_attention` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -227,6 +230,39 @@ def online_softmax_update(
 
     Off limits: `minillm.flash_attention.online_softmax_update`,
     `minillm.flash_attention.flash_attention_forward` (this exercise asks you to write it; a call
+    fails the test).
+    """
+    raise NotImplementedError
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, block_k: int, causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d_k)) v computed over the keys one tile at a time (FlashAttention's
+    forward pass), never holding the whole `(seq_q, seq_k)` score matrix.
+
+    Walk the keys in tiles of `block_k` (the last tile may be shorter): score the tile, mask it,
+    and fold it into the running (m, denom, acc) with `online_softmax_update`; the output is
+    acc / denom. With `causal`, query i attends to keys 0..i (torch's `is_causal`): mind that
+    key j of a tile starting at key `start` is key `start + j` of the sequence.
+
+    Args:
+        q: `(..., seq_q, d_k)`; k: `(..., seq_k, d_k)`; v: `(..., seq_k, d_v)`.
+        block_k: keys per tile, at least 1; it need not divide seq_k.
+        causal: hide the keys after each query.
+
+    Returns:
+        `(..., seq_q, d_v)`, equal to exact attention up to rounding.
+
+    Example:
+        >>> q = k = torch.eye(2); v = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> tiled_attention(q, k, v, block_k=1)  # one key per tile
+        tensor([[1.6605, 2.6605],
+                [2.3395, 3.3395]])
+
+    Off limits: torch's softmax in every spelling (as for `scaled_dot_product_attention`),
+    `torch.nn.functional.scaled_dot_product_attention`,
+    `minillm.attention.scaled_dot_product_attention`, `minillm.flash_attention.flash_attention`,
+    `minillm.flash_attention.flash_attention_forward` and
+    `minillm.flash_attention.online_softmax_update` (this exercise asks you to write it; a call
     fails the test).
     """
     raise NotImplementedError

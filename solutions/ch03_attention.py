@@ -218,3 +218,43 @@ def online_softmax_update(
     p = torch.exp(scores - shift[..., None])
     alpha = torch.exp(m - shift)  # rescales what was summed under the old maximum
     return m_new, alpha * denom + p.sum(dim=-1), alpha[..., None] * acc + p @ v
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, block_k: int, causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d_k)) v computed over the keys one tile at a time (FlashAttention's
+    forward pass), never holding the whole `(seq_q, seq_k)` score matrix.
+
+    Walk the keys in tiles of `block_k` (the last tile may be shorter): score the tile, mask it,
+    and fold it into the running (m, denom, acc) with `online_softmax_update`; the output is
+    acc / denom. With `causal`, query i attends to keys 0..i (torch's `is_causal`): mind that
+    key j of a tile starting at key `start` is key `start + j` of the sequence.
+
+    Args:
+        q: `(..., seq_q, d_k)`; k: `(..., seq_k, d_k)`; v: `(..., seq_k, d_v)`.
+        block_k: keys per tile, at least 1; it need not divide seq_k.
+        causal: hide the keys after each query.
+
+    Returns:
+        `(..., seq_q, d_v)`, equal to exact attention up to rounding.
+
+    Example:
+        >>> q = k = torch.eye(2); v = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> tiled_attention(q, k, v, block_k=1)  # one key per tile
+        tensor([[1.6605, 2.6605],
+                [2.3395, 3.3395]])
+    """
+    seq_k = k.shape[-2]
+    q = q / math.sqrt(q.shape[-1])
+    m = q.new_full(q.shape[:-1], float("-inf"))  # (..., seq_q)
+    denom = q.new_zeros(q.shape[:-1])
+    acc = q.new_zeros((*q.shape[:-1], v.shape[-1]))  # (..., seq_q, d_v)
+    rows = torch.arange(q.shape[-2], device=q.device)[:, None]
+    for start in range(0, seq_k, block_k):
+        scores = q @ k[..., start : start + block_k, :].transpose(-2, -1)  # (..., seq_q, tile)
+        if causal:
+            cols = torch.arange(start, start + scores.shape[-1], device=q.device)[None, :]
+            scores = scores.masked_fill(cols > rows, float("-inf"))  # the sequence's key index
+        m, denom, acc = online_softmax_update(
+            m, denom, acc, scores, v[..., start : start + block_k, :]
+        )
+    return acc / denom[..., None]

@@ -14,30 +14,46 @@ from torch import nn
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+SOFTMAX = (
+    "torch.softmax",
+    "torch.nn.functional.softmax",
+    "torch.Tensor.softmax",
+    "torch.special.softmax",
+    "torch.log_softmax",
+    "torch.nn.functional.log_softmax",
+    "torch.Tensor.log_softmax",
+    "torch.special.log_softmax",
+)
 OFF_LIMITS = {
-    "stable_softmax": (
-        "torch.softmax",
-        "torch.nn.functional.softmax",
-        "torch.Tensor.softmax",
-        "torch.special.softmax",
-    ),
+    "stable_softmax": SOFTMAX,
     "causal_mask": ("minillm.attention.causal_mask",),
     "padding_mask": ("minillm.attention.padding_mask",),
     "scaled_dot_product_attention": (
         "torch.nn.functional.scaled_dot_product_attention",
         "minillm.attention.scaled_dot_product_attention",
+        *SOFTMAX,
     ),
     "split_heads": ("minillm.attention.split_heads",),
     "merge_heads": ("minillm.attention.merge_heads",),
     "multi_head_attention": (
         "torch.nn.functional.multi_head_attention_forward",
+        "torch.nn.MultiheadAttention.forward",
         "torch.nn.functional.scaled_dot_product_attention",
         "minillm.attention.scaled_dot_product_attention",
         "minillm.attention.MultiHeadAttention.forward",
+        *SOFTMAX,
     ),
     "online_softmax_update": (
         "minillm.flash_attention.online_softmax_update",
         "minillm.flash_attention.flash_attention_forward",
+    ),
+    "tiled_attention": (
+        "torch.nn.functional.scaled_dot_product_attention",
+        "minillm.attention.scaled_dot_product_attention",
+        "minillm.flash_attention.flash_attention",
+        "minillm.flash_attention.flash_attention_forward",
+        "minillm.flash_attention.online_softmax_update",
+        *SOFTMAX,
     ),
 }
 
@@ -215,3 +231,28 @@ def test_online_softmax_over_tiles_equals_the_softmax(impl):
         )
         torch.testing.assert_close(m, scores[:, :end].amax(-1), **F64)
     torch.testing.assert_close(acc / denom[:, None], torch.softmax(scores, -1) @ v, **F64)
+
+
+@pytest.mark.points(3)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tiled_attention_equals_exact_attention(impl, causal):
+    """Tiled attention (FlashAttention's forward) must equal exact attention in float64 for tiles
+    that do not divide the keys (10 keys in tiles of 4: 4, 4, 2), one key per tile, and one tile
+    wider than the sequence. Catches averaging each tile's own softmax instead of rescaling the
+    running sums, a missing 1/sqrt(d_k), and a causal mask built from the tile's own column
+    index instead of the key's place in the sequence (correct for the first tile only).
+    Reference: torch's F.scaled_dot_product_attention."""
+    ex = impl("ch03_attention")
+    seq_q = 10 if causal else 7  # torch's is_causal aligns query i with key i
+    q, k, v = randn(2, 3, seq_q, 8), randn(2, 3, 10, 8, seed=1), randn(2, 3, 10, 5, seed=2)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for block_k in (4, 1, 16):
+        out = ex.tiled_attention(q, k, v, block_k, causal=causal)
+        assert out.shape == want.shape, (
+            f"expected (batch, heads, seq_q, d_v) = {tuple(want.shape)}, got {tuple(out.shape)}"
+        )
+        error = (out - want).abs().max().item()
+        assert error < 1e-12, (
+            f"block_k={block_k}{', causal' if causal else ''}: max |tiled - exact| = {error:.2e}, "
+            "expected rounding only (< 1e-12)"
+        )
