@@ -1,9 +1,12 @@
 """Chapter 08 exercises: the arithmetic of tensor and pipeline parallelism, from torch primitives.
 
 Replace each `raise NotImplementedError` with your code; `minillm grade ch08` grades them (the
-tests are in tests/exercises/test_ch08_model_parallel.py). Everything here runs in one process:
-a "rank" is an index into a list, so you can check each idea without starting processes. Do not
-import `minillm.parallel.tensor` or `minillm.parallel.pipeline`: building these is the point.
+tests are in tests/exercises/test_ch08_model_parallel.py). Most of it runs in one process: a
+"rank" is an index into a list, so you can check each idea without starting processes. Megatron's
+f and g (`copy_to_tensor_region`, `reduce_from_tensor_region`) and the parallel layers built on
+them run inside every rank of a real process group (the tests start 2 processes with
+`minillm.parallel.launch.launch`). Do not import `minillm.parallel.tensor` or
+`minillm.parallel.pipeline`: building these is the point.
 
 Conventions as in the chapter: a linear layer is y = x W^T + b with W `(out, in)`; a pipeline
 schedule is, for each stage, its ordered list of ("F", i) and ("B", i) for micro-batch i; ranks
@@ -13,6 +16,8 @@ lie on a (pipeline, data, tensor) grid with the tensor coordinate changing faste
 from __future__ import annotations
 
 import torch  # noqa: F401  (the examples use it)
+import torch.distributed as dist  # noqa: F401  (you will want it)
+import torch.nn.functional as F  # noqa: F401
 from torch import Tensor
 
 
@@ -52,6 +57,68 @@ def row_parallel_outputs(x: Tensor, weight: Tensor, bias: Tensor, parts: int) ->
     Off limits: `minillm.parallel.tensor.shard`,
     `minillm.parallel.tensor.RowParallelLinear` (this exercise asks you to write it; a call
     fails the test).
+    """
+    raise NotImplementedError
+
+
+def copy_to_tensor_region(x: Tensor) -> Tensor:
+    """Megatron's f, at the entrance of a tensor-parallel block: the identity going forward, an
+    all-reduce (sum over every rank of the default process group) of the gradient going back.
+
+    Every rank's slice of the block read the same input `x`, so the gradient of `x` is the sum of
+    what each rank's slice sends back; without the all-reduce each rank keeps only its own share.
+    Write it as a `torch.autograd.Function` (`forward` returns `x` unchanged, e.g. `x.view_as(x)`;
+    `backward` all-reduces a copy of the gradient with `dist.all_reduce`) and return `.apply(x)`.
+
+    Example, 2 ranks: forward returns x on both; if backward brings gradient 1.0 on rank 0 and
+    2.0 on rank 1, x.grad is 3.0 on both.
+
+    Off limits: `minillm.parallel.tensor.CopyToTensorRegion` (this exercise asks you to write
+    it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def reduce_from_tensor_region(x: Tensor) -> Tensor:
+    """Megatron's g, at the exit of a row-parallel layer: an all-reduce (sum over every rank of the
+    default process group) going forward, the identity going back.
+
+    The ranks' partial outputs summed are the layer's output, and the sum passes its gradient
+    unchanged to every partial, so backward must not communicate (an all-reduce there would count
+    the gradient once per rank). Write it as a `torch.autograd.Function` (`forward` all-reduces a
+    copy of `x`, never `x` itself in place; `backward` returns the gradient as it is) and return
+    `.apply(x)`.
+
+    Example, 2 ranks: rank 0 holds [1., 2.], rank 1 holds [10., 20.]: both get [11., 22.].
+
+    Off limits: `minillm.parallel.tensor.ReduceFromTensorRegion` (this exercise asks you to write
+    it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def column_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """This rank's slice of a column-parallel linear layer: `f(x) W_r^T + b_r`, where `weight`
+    `(out/t, in)` and `bias` `(out/t,)` are this rank's rows of the full layer's W and b, and `x`
+    `(..., in)` is the whole input, the same on every rank. Returns `(..., out/t)`.
+
+    `x` must pass through `copy_to_tensor_region` first, so that backward all-reduces the
+    gradient of `x`: each rank's `x.grad` is then the full layer's, not its own share.
+
+    Off limits: `minillm.parallel.tensor.ColumnParallelLinear` (a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def row_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A row-parallel linear layer on this rank: `g(x_r W_r^T) + b`, where `x` `(..., in/t)` is this
+    rank's slice of the input features, `weight` `(out, in/t)` its columns of the full W and `bias`
+    `(out,)` the whole bias. Returns the full output `(..., out)`, the same on every rank.
+
+    The partial products are summed by `reduce_from_tensor_region`; the bias is added once, after
+    the sum (added before it, it would be counted once per rank).
+
+    Off limits: `minillm.parallel.tensor.RowParallelLinear` (a call fails the test).
     """
     raise NotImplementedError
 

@@ -147,3 +147,178 @@ def zero1_on_ranks(ex, world_size, n, steps):
     return launch(
         _zero1_rank, world_size, ex.__name__.split(".")[0], n, steps, backend="gloo", echo=False
     )
+
+
+# -- chapter 08 --------------------------------------------------------------------------------
+
+
+def megatron_problem():
+    """A two-layer MLP's weights, its input and the gradient that arrives at its output, float64:
+    x `(3, 4, 8)`, up W1 `(12, 8)` b1 `(12,)`, a hidden input for the down layer `(3, 4, 12)`,
+    down W2 `(6, 12)` b2 `(6,)`, and the gradients that reach the up layer's output `(3, 4, 12)`
+    and the down layer's `(3, 4, 6)`."""
+    g = torch.Generator().manual_seed(8)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return {
+        "x": randn(3, 4, 8),
+        "hidden": randn(3, 4, 12),
+        "w1": randn(12, 8),
+        "b1": randn(12),
+        "w2": randn(6, 12),
+        "b2": randn(6),
+        "up_grad": randn(3, 4, 12),
+        "down_grad": randn(3, 4, 6),
+    }
+
+
+def _leaf(t):
+    return t.clone().requires_grad_()
+
+
+def _megatron_rank(rank, world_size, package, layer):
+    from minillm.parallel import tensor
+
+    calls = [0]
+
+    def refuse(*args, **kwargs):
+        calls[0] += 1
+        raise AssertionError("build f, g and the parallel layers yourself, not minillm's")
+
+    class Refused:
+        apply = staticmethod(refuse)
+
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    names = ("CopyToTensorRegion", "ReduceFromTensorRegion", "ColumnParallelLinear")
+    names += ("RowParallelLinear", "_all_reduce")
+    real = {name: getattr(tensor, name) for name in names}
+    # Before the student's module is imported, so that no name it imports escapes.
+    for name in names:
+        setattr(tensor, name, Refused)
+    try:
+        ex = importlib.import_module(f"{package}.ch08_model_parallel")
+        p = megatron_problem()
+        w1 = _leaf(p["w1"].chunk(world_size, dim=0)[rank])
+        b1 = _leaf(p["b1"].chunk(world_size)[rank])
+        w2 = _leaf(p["w2"].chunk(world_size, dim=1)[rank])
+        b2 = _leaf(p["b2"])
+        if layer == "column":
+            x = _leaf(p["x"])
+            out = ex.column_parallel_linear(x, w1, b1)
+            leaves = {"x": x, "weight": w1, "bias": b1}
+            out_grad = p["up_grad"].chunk(world_size, dim=-1)[rank]
+        elif layer == "row":
+            x = _leaf(p["hidden"].chunk(world_size, dim=-1)[rank])  # this rank's features
+            out = ex.row_parallel_linear(x, w2, b2)
+            leaves = {"x": x, "weight": w2, "bias": b2}
+            out_grad = p["down_grad"]
+        else:  # the whole MLP: f, column-parallel up, GELU on the slice, row-parallel down, g
+            x = _leaf(p["x"])
+            hidden = torch.nn.functional.gelu(ex.column_parallel_linear(x, w1, b1))
+            out = ex.row_parallel_linear(hidden, w2, b2)
+            leaves = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+            out_grad = p["down_grad"]
+        out.backward(out_grad)
+        grads = {name: t.grad for name, t in leaves.items()}
+    finally:
+        for name, value in real.items():
+            setattr(tensor, name, value)
+    return out.detach(), grads, calls[0]
+
+
+def megatron_layer_on_ranks(ex, world_size, layer):
+    """Per rank: the output of the student's `layer` ("column", "row" or "mlp") on this rank's
+    shard of `megatron_problem()`, the gradients of its input and parameters after backward from
+    the problem's output gradient, and how often it called minillm's f, g or parallel layers."""
+    return launch(
+        _megatron_rank, world_size, ex.__name__.split(".")[0], layer, backend="gloo", echo=False
+    )
+
+
+def _watched_collectives(package, topic):
+    """Import `package.topic` with dist.all_reduce counted and minillm's `Zero` refused; the
+    counts (a dict) fill in while the caller runs, the real all-reduce still does its work."""
+    from minillm.parallel import zero
+
+    calls = {"all_reduce": 0}
+    real = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this exercise must be built from collectives, not minillm's Zero")
+
+    dist.all_reduce, zero.Zero = counted, refuse  # before the import: no name escapes
+    return importlib.import_module(f"{package}.{topic}"), calls
+
+
+def _zero2_rank(rank, world_size, package, n, steps):
+    ex, calls = _watched_collectives(package, "ch09_zero")
+    start, grads = zero1_problem(world_size, n, steps)
+    param, state, returned = start.clone(), {}, []
+    for step_grads in grads:
+        returned.append(
+            ex.zero2_adamw_step(param, step_grads[rank].clone(), state, lr=0.1, weight_decay=0.1)
+        )
+    sizes = {k: v.numel() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return param, returned, sizes, calls["all_reduce"]
+
+
+def zero2_on_ranks(ex, world_size, n, steps):
+    """Per rank: the parameters after `steps` ZeRO-2 steps on `zero1_problem`, the gradient
+    slice each step returned, the numel of each tensor of the optimizer state, and how many
+    times dist.all_reduce was called."""
+    return launch(
+        _zero2_rank, world_size, ex.__name__.split(".")[0], n, steps, backend="gloo", echo=False
+    )
+
+
+def zero3_problem(world_size, n):
+    """The start vector and each rank's regression data (inputs `(4, n)`, targets `(4,)`)."""
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(n, generator=g, dtype=torch.float64)
+    data = []
+    for _ in range(world_size):
+        x = torch.randn(4, n, generator=g, dtype=torch.float64)
+        data.append((x, torch.randn(4, generator=g, dtype=torch.float64)))
+    return start, data
+
+
+def zero3_loss(w, x, y):
+    """One rank's loss: a small non-linear regression, so the gradient depends on w."""
+    return (torch.tanh(x @ w) - y).square().mean()
+
+
+def _zero3_rank(rank, world_size, package, n, steps):
+    from minillm.parallel.zero import shard_range
+
+    ex, calls = _watched_collectives(package, "ch09_zero")
+    start, data = zero3_problem(world_size, n)
+    lo, hi = shard_range(n, rank, world_size)
+    padded = torch.zeros((hi - lo) * world_size, dtype=torch.float64)
+    padded[:n] = start
+    shard, state, losses = padded[lo:hi].clone(), {}, []
+    x, y = data[rank]
+    for _ in range(steps):
+        losses.append(
+            ex.zero3_adamw_step(
+                shard, n, lambda w: zero3_loss(w, x, y), state, lr=0.1, weight_decay=0.1
+            )
+        )
+    sizes = {k: v.numel() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return shard, losses, sizes, calls["all_reduce"]
+
+
+def zero3_on_ranks(ex, world_size, n, steps):
+    """Per rank: its parameter shard after `steps` ZeRO-3 steps on `zero3_problem`, the loss
+    each step returned, the numel of each tensor of the optimizer state, and how many times
+    dist.all_reduce was called."""
+    return launch(
+        _zero3_rank, world_size, ex.__name__.split(".")[0], n, steps, backend="gloo", echo=False
+    )

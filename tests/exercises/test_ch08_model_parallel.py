@@ -2,6 +2,9 @@
 
 References are torch's `F.linear` on the unsplit layer (float64, atol 1e-12), the course's own
 `minillm.parallel.layout.Layout` and `minillm.parallel.pipeline`, and hand-computed values.
+Megatron's f and g and the parallel layers built on them run in 2 real processes (`launch`
+inside the sandboxed worker, tests/exercises/in_worker.py); this process computes the unsplit
+layer's output and gradients with autograd and compares every rank's with them.
 """
 
 import pytest
@@ -10,9 +13,11 @@ import torch.nn.functional as F
 
 from minillm.parallel.layout import Coords, Layout
 from minillm.parallel.pipeline import schedule, split_layers
+from tests.exercises import in_worker
 
 # What each exercise must not call: the library function it asks you to write (a call fails
-# the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+# the test). A guard against the obvious shortcut; the stubs' docstrings name the same. f, g and
+# the parallel layers run in launched processes, where in_worker refuses minillm's versions.
 OFF_LIMITS = {
     "column_parallel_outputs": (
         "minillm.parallel.tensor.shard",
@@ -136,3 +141,142 @@ def test_communication_per_step_for_each_parallelism(impl):
         2 * 2048 * 1024 * 2
     )
     assert ex.communication_per_step("data", size=1, **sizes) == 0
+
+
+# -- Megatron's f and g, in real processes ------------------------------------------------------
+
+
+def unsplit_layer(layer):
+    """The unsplit layer's output and the gradients of its input and parameters, by autograd in
+    this process: the reference for every rank."""
+    p = in_worker.megatron_problem()
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "hidden", "w1", "b1", "w2", "b2")}
+    x, hidden = leaves["x"], leaves["hidden"]
+    up = F.linear(x, leaves["w1"], leaves["b1"])
+    if layer == "column":
+        up.backward(p["up_grad"])
+        return up.detach(), {"x": x.grad, "weight": leaves["w1"].grad, "bias": leaves["b1"].grad}
+    if layer == "row":
+        out = F.linear(hidden, leaves["w2"], leaves["b2"])
+        out.backward(p["down_grad"])
+        return out.detach(), {
+            "x": hidden.grad,
+            "weight": leaves["w2"].grad,
+            "bias": leaves["b2"].grad,
+        }
+    out = F.linear(F.gelu(up), leaves["w2"], leaves["b2"])
+    out.backward(p["down_grad"])
+    return out.detach(), {k: leaves[k].grad for k in ("x", "w1", "b1", "w2", "b2")}
+
+
+def check_ranks(ranks, expected_out, expected_grads, shard_of, hints):
+    """Compare each rank's output and gradients with the unsplit layer's: `shard_of(name, full,
+    rank)` is the part of a full tensor that the rank holds; `hints` names the typical mistake
+    behind a wrong value of each name ("out" included)."""
+    assert len(ranks) == 2, f"{len(ranks)} ranks answered instead of 2"
+    for rank, (out, grads, minillm_calls) in enumerate(ranks):
+        assert minillm_calls == 0, (
+            "build f, g and the parallel layers from torch.autograd.Function and dist.all_reduce, "
+            "not minillm.parallel.tensor's"
+        )
+        want = shard_of("out", expected_out, rank)
+        assert isinstance(out, torch.Tensor) and out.shape == want.shape, (
+            f"rank {rank}: output of shape {getattr(out, 'shape', out)} instead of "
+            f"{tuple(want.shape)}"
+        )
+        gap = (out - want).abs().max().item()
+        assert gap < F64["atol"], f"rank {rank}: output off by {gap:.3g}; {hints['out']}"
+        for name, full in expected_grads.items():
+            want, got = shard_of(name, full, rank), grads.get(name)
+            assert isinstance(got, torch.Tensor), (
+                f"rank {rank}: no gradient reached {name} (got {got!r}); is the autograd graph "
+                "cut (detach, .data, torch.no_grad)?"
+            )
+            ratio = (got.flatten() @ want.flatten() / (want.flatten() @ want.flatten())).item()
+            gap = (got - want).abs().max().item()
+            assert gap < F64["atol"], (
+                f"rank {rank}: the gradient of {name} is off by {gap:.3g} (it is {ratio:.2f} "
+                f"times the unsplit layer's, projected); {hints[name]}"
+            )
+
+
+PARTIAL_X = (
+    "each rank's x.grad must be the whole gradient, the sum of every rank's share: f's backward "
+    "must all-reduce it (without it a rank keeps only its slice's contribution)"
+)
+
+
+@pytest.mark.points(3)
+@pytest.mark.multiprocess
+def test_column_parallel_layer_all_reduces_the_input_gradient(impl):
+    """Two processes, each holding half of a layer's output rows: each rank's output must be its
+    slice of the unsplit layer's, and each rank's x.grad the unsplit layer's whole x.grad.
+    Catches f without the all-reduce in backward (each rank's x.grad is only its own share,
+    about half of the right one), f that all-reduces going forward too (outputs doubled), and
+    a column split taken along the wrong axis."""
+    ex = impl("ch08_model_parallel")
+    out, grads = unsplit_layer("column")
+    ranks = ex.run_helper(in_worker.megatron_layer_on_ranks, 2, "column")
+
+    def shard_of(name, full, rank):
+        return full if name == "x" else full.chunk(2, dim=-1 if name == "out" else 0)[rank]
+
+    hints = {
+        "out": "f must be the identity going forward; the weight is this rank's rows",
+        "x": PARTIAL_X,
+        "weight": "this rank's weight rows see the whole input and their own output slice",
+        "bias": "this rank's bias slice gets its output slice's gradient",
+    }
+    check_ranks(ranks, out, grads, shard_of, hints)
+
+
+@pytest.mark.points(3)
+@pytest.mark.multiprocess
+def test_row_parallel_layer_all_reduces_the_output(impl):
+    """Two processes, each holding half of a layer's input columns and reading half of the input
+    features: each rank's output must be the whole unsplit output, and its gradients its slice of
+    the unsplit layer's. Catches g without the all-reduce going forward (a partial output), the
+    bias added before the sum (counted twice), and g that all-reduces going back too (every
+    gradient doubled)."""
+    ex = impl("ch08_model_parallel")
+    out, grads = unsplit_layer("row")
+    ranks = ex.run_helper(in_worker.megatron_layer_on_ranks, 2, "row")
+
+    def shard_of(name, full, rank):
+        return full if name in ("out", "bias") else full.chunk(2, dim=-1)[rank]
+
+    doubled = "g must pass the gradient back unchanged (an all-reduce in backward doubles it)"
+    hints = {
+        "out": "g must all-reduce (sum) the partial outputs, and the bias is added once, after",
+        "x": doubled,
+        "weight": doubled,
+        "bias": "the bias is added once, after g, and gets the output's gradient",
+    }
+    check_ranks(ranks, out, grads, shard_of, hints)
+
+
+@pytest.mark.points(2)
+@pytest.mark.multiprocess
+def test_megatron_mlp_matches_the_unsplit_mlp(impl):
+    """Two processes run column-parallel up, GELU on each rank's hidden slice, row-parallel down:
+    the output must be the unsplit MLP's on both ranks, x.grad the whole unsplit x.grad and every
+    parameter gradient its slice of the unsplit one. Catches the f/g pair swapped or missing in
+    one direction, which the single layers may hide when both mistakes cancel out."""
+    ex = impl("ch08_model_parallel")
+    out, grads = unsplit_layer("mlp")
+    ranks = ex.run_helper(in_worker.megatron_layer_on_ranks, 2, "mlp")
+
+    def shard_of(name, full, rank):
+        if name in ("out", "x", "b2"):
+            return full
+        return full.chunk(2, dim=1 if name == "w2" else 0)[rank]
+
+    hints = {
+        "out": "f is the identity and g the sum going forward",
+        "x": PARTIAL_X,
+        "w1": "the gradient reaching the hidden slice must not be all-reduced by g's backward",
+        "b1": "the gradient reaching the hidden slice must not be all-reduced by g's backward",
+        "w2": "g must pass the gradient back unchanged",
+        "b2": "the bias is added once, after g",
+    }
+    check_ranks(ranks, out, grads, shard_of, hints)
