@@ -68,27 +68,38 @@ def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
     raise NotImplementedError
 
 
-def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary position embedding (Llama's "rotate half" layout).
+def apply_rotary(
+    x: Tensor, positions: Tensor, base: float = 10000.0, pairing: str = "half"
+) -> Tensor:
+    """Rotary position embedding, in either of its two pairings.
 
-    Feature i is paired with feature i + D/2 (i < D/2); at position p the pair is rotated by the
-    angle p * theta_i with theta_i = base^(-2i / D):
+    RoPE rotates pairs of features by the angle p * theta_i at position p, with
+    theta_i = base^(-2i / D) for pair i = 0 .. D/2 - 1. Which two features form pair i is a
+    convention:
 
-        out[i]       = x[i] * cos(p theta_i) - x[i + D/2] * sin(p theta_i)
-        out[i + D/2] = x[i + D/2] * cos(p theta_i) + x[i] * sin(p theta_i)
+    - `pairing="half"` (transformers' Llama, GPT-NeoX): features i and i + D/2,
+          out[i]       = x[i] * cos(p theta_i) - x[i + D/2] * sin(p theta_i)
+          out[i + D/2] = x[i + D/2] * cos(p theta_i) + x[i] * sin(p theta_i)
+    - `pairing="interleaved"` (the RoFormer paper, Meta's reference Llama code): features 2i and
+      2i + 1, rotated by the same formula with (2i, 2i + 1) in place of (i, i + D/2).
 
     Args:
         x: `(..., T, D)` queries or keys, D even.
         positions: `(T,)` integer position of each row.
+        pairing: "half" or "interleaved".
     Returns:
         `(..., T, D)`, same dtype as `x`.
 
     Example:
         >>> apply_rotary(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))  # D = 2: theta_0 = 1
         tensor([[0.5403, 0.8415]])
+        >>> x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # D = 4: pair 0 is (0, 2) or (0, 1)
+        >>> apply_rotary(x, torch.tensor([1]), pairing="interleaved")
+        tensor([[0.5403, 0.8415, 0.0000, 0.0000]])
 
-    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin` (this exercise asks you
-    to write it; a call fails the test).
+    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin`,
+    `minillm.llama.apply_rotary_interleaved`, `minillm.llama.rotary_cos_sin_interleaved` (this
+    exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -98,6 +109,7 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     Rotate q and k with `apply_rotary` (the values carry content, not position: they are not
     rotated), then softmax(q k^T / sqrt(D)) v with position t attending to positions <= t.
+    Either pairing is accepted (this exercise does not fix one); use the same one for q and k.
 
     Args:
         q, k, v: `(B, H, T, D)`.
@@ -109,8 +121,35 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         >>> rotary_attention(q, k, v).shape
         torch.Size([1, 2, 5, 8])
 
-    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin` (this exercise asks you
-    to write it; a call fails the test).
+    Off limits: `minillm.model.apply_rotary`, `minillm.model.rotary_cos_sin`,
+    `minillm.llama.apply_rotary_interleaved`, `minillm.llama.rotary_cos_sin_interleaved` (this
+    exercise asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def interleaved_to_half(weight: Tensor, n_heads: int) -> Tensor:
+    """Permute a q_proj or k_proj weight written for the interleaved RoPE pairing so that the
+    rotate-half pairing computes the same attention (how Meta's Llama checkpoints are converted
+    for transformers).
+
+    The weight is `(n_heads * D, C)` in `nn.Linear`'s layout: output rows h*D .. (h+1)*D - 1
+    are head h's features. Within every head, the interleaved pairing rotates rows (2i, 2i + 1)
+    together and the half pairing rows (i, i + D/2); so put each head's even rows 0, 2, 4, ...
+    first and its odd rows 1, 3, 5, ... after them. Heads stay where they are.
+
+    Args:
+        weight: `(n_heads * D, C)`, D even.
+        n_heads: the number of heads the rows are cut into.
+    Returns:
+        `(n_heads * D, C)`: the same rows, reordered within each head.
+
+    Example:
+        >>> interleaved_to_half(torch.arange(8.0)[:, None], n_heads=2).flatten()
+        tensor([0., 2., 1., 3., 4., 6., 5., 7.])
+
+    Off limits: `minillm.llama.interleaved_to_half`, `minillm.llama.half_to_interleaved`
+    (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -140,8 +179,41 @@ def gpt_block(x: Tensor, weights: dict[str, Tensor], n_head: int) -> Tensor:
         >>> gpt_block(torch.randn(1, 3, 16), block.state_dict(), n_head=2).shape
         torch.Size([1, 3, 16])
 
-    Off limits: `minillm.model.Block.forward` (this exercise asks you to write it; a call fails the
-    test).
+    Off limits: `minillm.model.Block.forward`, `torch.nn.functional.layer_norm`, `torch.layer_norm`,
+    `torch.nn.LayerNorm.forward` (use your `layer_norm`; this exercise asks you to write it; a
+    call fails the test).
+    """
+    raise NotImplementedError
+
+
+def gpt_forward(idx: Tensor, weights: dict[str, Tensor], n_layer: int, n_head: int) -> Tensor:
+    """The course GPT's forward pass (GPT-2's architecture) from its weights: token ids to logits.
+
+        x = tok_emb[idx] + pos_emb[0 .. T-1]        (learned positions, added once)
+        x = block_i(x)  for i = 0 .. n_layer - 1     (your `gpt_block`, causal)
+        logits = ln_f(x) @ lm_head^T                 (no bias)
+
+    Weights: "tok_emb.weight" `(V, C)`, "pos_emb.weight" `(block_size, C)`, every block's
+    tensors under "blocks.{i}." with the names `gpt_block` takes (e.g.
+    "blocks.0.ln_1.weight"), "ln_f.weight", "ln_f.bias" and "lm_head.weight" `(V, C)` (the
+    same matrix as tok_emb's when the weights are tied, another one when not).
+
+    Args:
+        idx: `(B, T)` token ids, T <= block_size.
+        weights: the tensors above.
+        n_layer, n_head: the number of blocks and of heads per block.
+    Returns:
+        `(B, T, V)` logits: at every position, scores for the next token.
+
+    Example:
+        >>> from minillm.model import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(n_layer=2, n_embd=16, n_head=2))
+        >>> gpt_forward(torch.zeros(1, 3, dtype=torch.long), model.state_dict(), 2, 2).shape
+        torch.Size([1, 3, 65])
+
+    Off limits: `minillm.model.GPT.forward`, `minillm.model.GPT.hidden_states`,
+    `minillm.model.Block.forward`, `torch.nn.functional.layer_norm`, `torch.layer_norm`,
+    `torch.nn.LayerNorm.forward` (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 

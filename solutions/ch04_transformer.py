@@ -66,31 +66,46 @@ def sinusoidal_positions(n_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
-def apply_rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary position embedding (Llama's "rotate half" layout).
+def apply_rotary(
+    x: Tensor, positions: Tensor, base: float = 10000.0, pairing: str = "half"
+) -> Tensor:
+    """Rotary position embedding, in either of its two pairings.
 
-    Feature i is paired with feature i + D/2 (i < D/2); at position p the pair is rotated by the
-    angle p * theta_i with theta_i = base^(-2i / D):
+    RoPE rotates pairs of features by the angle p * theta_i at position p, with
+    theta_i = base^(-2i / D) for pair i = 0 .. D/2 - 1. Which two features form pair i is a
+    convention:
 
-        out[i]       = x[i] * cos(p theta_i) - x[i + D/2] * sin(p theta_i)
-        out[i + D/2] = x[i + D/2] * cos(p theta_i) + x[i] * sin(p theta_i)
+    - `pairing="half"` (transformers' Llama, GPT-NeoX): features i and i + D/2,
+          out[i]       = x[i] * cos(p theta_i) - x[i + D/2] * sin(p theta_i)
+          out[i + D/2] = x[i + D/2] * cos(p theta_i) + x[i] * sin(p theta_i)
+    - `pairing="interleaved"` (the RoFormer paper, Meta's reference Llama code): features 2i and
+      2i + 1, rotated by the same formula with (2i, 2i + 1) in place of (i, i + D/2).
 
     Args:
         x: `(..., T, D)` queries or keys, D even.
         positions: `(T,)` integer position of each row.
+        pairing: "half" or "interleaved".
     Returns:
         `(..., T, D)`, same dtype as `x`.
 
     Example:
         >>> apply_rotary(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))  # D = 2: theta_0 = 1
         tensor([[0.5403, 0.8415]])
+        >>> x = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # D = 4: pair 0 is (0, 2) or (0, 1)
+        >>> apply_rotary(x, torch.tensor([1]), pairing="interleaved")
+        tensor([[0.5403, 0.8415, 0.0000, 0.0000]])
     """
+    if pairing not in ("half", "interleaved"):
+        raise ValueError(f"pairing must be 'half' or 'interleaved', got {pairing!r}")
     half = x.shape[-1] // 2
     theta = base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])  # (D/2,)
     angles = positions.to(torch.float64)[:, None] * theta  # (T, D/2)
     cos, sin = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if pairing == "half":
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # the two features of each pair (2i, 2i + 1)
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
 
 def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -98,6 +113,7 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
     Rotate q and k with `apply_rotary` (the values carry content, not position: they are not
     rotated), then softmax(q k^T / sqrt(D)) v with position t attending to positions <= t.
+    Either pairing is accepted (this exercise does not fix one); use the same one for q and k.
 
     Args:
         q, k, v: `(B, H, T, D)`.
@@ -116,6 +132,32 @@ def rotary_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def _linear(x: Tensor, weights: dict[str, Tensor], name: str) -> Tensor:
     return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
+
+
+def interleaved_to_half(weight: Tensor, n_heads: int) -> Tensor:
+    """Permute a q_proj or k_proj weight written for the interleaved RoPE pairing so that the
+    rotate-half pairing computes the same attention (how Meta's Llama checkpoints are converted
+    for transformers).
+
+    The weight is `(n_heads * D, C)` in `nn.Linear`'s layout: output rows h*D .. (h+1)*D - 1
+    are head h's features. Within every head, the interleaved pairing rotates rows (2i, 2i + 1)
+    together and the half pairing rows (i, i + D/2); so put each head's even rows 0, 2, 4, ...
+    first and its odd rows 1, 3, 5, ... after them. Heads stay where they are.
+
+    Args:
+        weight: `(n_heads * D, C)`, D even.
+        n_heads: the number of heads the rows are cut into.
+    Returns:
+        `(n_heads * D, C)`: the same rows, reordered within each head.
+
+    Example:
+        >>> interleaved_to_half(torch.arange(8.0)[:, None], n_heads=2).flatten()
+        tensor([0., 2., 1., 3., 4., 6., 5., 7.])
+
+    """
+    rows, cols = weight.shape
+    per_head = weight.view(n_heads, rows // n_heads, cols)  # (H, D, C)
+    return torch.cat((per_head[:, 0::2], per_head[:, 1::2]), dim=1).reshape(rows, cols)
 
 
 def gpt_block(x: Tensor, weights: dict[str, Tensor], n_head: int) -> Tensor:
@@ -157,6 +199,42 @@ def gpt_block(x: Tensor, weights: dict[str, Tensor], n_head: int) -> Tensor:
     return x + _linear(
         F.gelu(_linear(h, weights, "mlp.up_proj"), approximate="tanh"), weights, "mlp.down_proj"
     )
+
+
+def gpt_forward(idx: Tensor, weights: dict[str, Tensor], n_layer: int, n_head: int) -> Tensor:
+    """The course GPT's forward pass (GPT-2's architecture) from its weights: token ids to logits.
+
+        x = tok_emb[idx] + pos_emb[0 .. T-1]        (learned positions, added once)
+        x = block_i(x)  for i = 0 .. n_layer - 1     (your `gpt_block`, causal)
+        logits = ln_f(x) @ lm_head^T                 (no bias)
+
+    Weights: "tok_emb.weight" `(V, C)`, "pos_emb.weight" `(block_size, C)`, every block's
+    tensors under "blocks.{i}." with the names `gpt_block` takes (e.g.
+    "blocks.0.ln_1.weight"), "ln_f.weight", "ln_f.bias" and "lm_head.weight" `(V, C)` (the
+    same matrix as tok_emb's when the weights are tied, another one when not).
+
+    Args:
+        idx: `(B, T)` token ids, T <= block_size.
+        weights: the tensors above.
+        n_layer, n_head: the number of blocks and of heads per block.
+    Returns:
+        `(B, T, V)` logits: at every position, scores for the next token.
+
+    Example:
+        >>> from minillm.model import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(n_layer=2, n_embd=16, n_head=2))
+        >>> gpt_forward(torch.zeros(1, 3, dtype=torch.long), model.state_dict(), 2, 2).shape
+        torch.Size([1, 3, 65])
+
+    """
+    T = idx.shape[1]
+    x = weights["tok_emb.weight"][idx] + weights["pos_emb.weight"][:T]  # (B, T, C)
+    for i in range(n_layer):
+        prefix = f"blocks.{i}."
+        block = {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+        x = gpt_block(x, block, n_head)
+    x = layer_norm(x, weights["ln_f.weight"], weights["ln_f.bias"])
+    return x @ weights["lm_head.weight"].T  # (B, T, V)
 
 
 def gpt_parameter_count(config: Any) -> int:

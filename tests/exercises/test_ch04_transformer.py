@@ -20,12 +20,29 @@ from minillm.model import GPT, GPTConfig
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
+LAYER_NORM = ("torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.LayerNorm.forward")
+ROTARY = (
+    "minillm.model.apply_rotary",
+    "minillm.model.rotary_cos_sin",
+    "minillm.llama.apply_rotary_interleaved",
+    "minillm.llama.rotary_cos_sin_interleaved",
+)
 OFF_LIMITS = {
-    "layer_norm": ("torch.nn.functional.layer_norm", "torch.layer_norm"),
+    "layer_norm": LAYER_NORM,
     "sinusoidal_positions": ("minillm.encoders.sinusoidal_positions",),
-    "apply_rotary": ("minillm.model.apply_rotary", "minillm.model.rotary_cos_sin"),
-    "rotary_attention": ("minillm.model.apply_rotary", "minillm.model.rotary_cos_sin"),
-    "gpt_block": ("minillm.model.Block.forward",),
+    "apply_rotary": ROTARY,
+    "rotary_attention": ROTARY,
+    "interleaved_to_half": (
+        "minillm.llama.interleaved_to_half",
+        "minillm.llama.half_to_interleaved",
+    ),
+    "gpt_block": ("minillm.model.Block.forward", *LAYER_NORM),
+    "gpt_forward": (
+        "minillm.model.GPT.forward",
+        "minillm.model.GPT.hidden_states",
+        "minillm.model.Block.forward",
+        *LAYER_NORM,
+    ),
     "gpt_parameter_count": (
         "minillm.model.GPT.__init__",
         "minillm.memory.parameter_count",
@@ -62,6 +79,23 @@ def llama_cos_sin(positions: torch.Tensor, dim: int, base: float = 10000.0):
     return emb.cos(), emb.sin()
 
 
+def meta_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0):
+    """The interleaved pairing as Meta's reference Llama code computes it: each feature pair
+    (2i, 2i+1) is a complex number, multiplied by exp(i p theta_i)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[:, None] * inv_freq  # (T, dim/2)
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], dim // 2, 2).contiguous())
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+
+
+def half_rotary(x: torch.Tensor, positions: torch.Tensor):
+    """The rotate-half pairing as transformers' Llama computes it."""
+    cos, sin = llama_cos_sin(positions, x.shape[-1])
+    return apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=0)[0]  # (T, D) broadcast over x
+
+
 @pytest.mark.points(2)
 def test_layer_norm_matches_torch(impl):
     """Catches the unbiased variance (dividing by C - 1, as torch.var does by default): with C = 4
@@ -95,27 +129,49 @@ def test_sinusoidal_positions_interleave_sin_and_cos(impl):
 
 
 @pytest.mark.points(2)
-def test_apply_rotary_matches_llama(impl):
-    """Catches pairing neighbours (2i, 2i+1) instead of (i, i + D/2), the rotation's sign flipped,
-    ignoring the given positions (they start at 3 and skip here), and theta_i = base^(-i/D)."""
+def test_apply_rotary_half_pairing_matches_transformers(impl):
+    """pairing="half" (the default) must rotate features (i, i + D/2) as transformers' Llama does.
+    Catches pairing neighbours (2i, 2i+1) here, the rotation's sign flipped, ignoring the given
+    positions (they start at 3 and skip), and theta_i = base^(-i/D) instead of base^(-2i/D)."""
     ex = impl("ch04_transformer")
     x = randn(2, 3, 5, 8)
     positions = torch.tensor([3, 4, 7, 8, 20])
-    cos, sin = llama_cos_sin(positions, 8)
-    want, _ = apply_rotary_pos_emb(x, x, cos[None], sin[None])
+    want = half_rotary(x, positions)
     torch.testing.assert_close(ex.apply_rotary(x, positions), want, **F64)
+    torch.testing.assert_close(ex.apply_rotary(x, positions, pairing="half"), want, **F64)
+
+
+@pytest.mark.points(2)
+def test_apply_rotary_interleaved_pairing_matches_meta(impl):
+    """pairing="interleaved" must rotate neighbours (2i, 2i + 1), as the RoFormer paper and
+    Meta's reference code (complex multiplication by exp(i p theta_i)) do. Catches ignoring the
+    pairing argument (rotate-half returned for both), cos/sin tables laid out for rotate-half
+    (angles repeated in two halves instead of twice per pair), and the sign flipped."""
+    ex = impl("ch04_transformer")
+    x = randn(2, 3, 5, 8, seed=4)
+    positions = torch.tensor([3, 4, 7, 8, 20])
+    out = ex.apply_rotary(x, positions, pairing="interleaved")
+    want = meta_rotary(x, positions)
+    error = (out - want).abs().max().item()
+    assert error < 1e-10, (
+        f"interleaved pairing: max |yours - Meta's| = {error:.2e}; "
+        f"your output is {(out - half_rotary(x, positions)).abs().max().item():.1e} from "
+        "the rotate-half result (0 means the pairing argument was ignored)"
+    )
 
 
 @pytest.mark.points(1)
-def test_apply_rotary_scores_depend_on_relative_position(impl):
-    """Catches any rotation that is not one: q at m and k at n must score as at m+s and n+s."""
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_apply_rotary_scores_depend_on_relative_position(impl, pairing):
+    """Catches any rotation that is not one: q at m and k at n must score as at m+s and n+s,
+    in both pairings."""
     ex = impl("ch04_transformer")
     q, k = randn(6, 16), randn(6, 16, seed=1)
     positions = torch.tensor([0, 1, 2, 5, 9, 13])
 
     def scores(shift):
         p = positions + shift
-        return ex.apply_rotary(q, p) @ ex.apply_rotary(k, p).T
+        return ex.apply_rotary(q, p, pairing=pairing) @ ex.apply_rotary(k, p, pairing=pairing).T
 
     torch.testing.assert_close(scores(0), scores(11), atol=1e-9, rtol=0)
     assert not torch.allclose(scores(0), q @ k.T), "apply_rotary left the scores unchanged"
@@ -123,14 +179,55 @@ def test_apply_rotary_scores_depend_on_relative_position(impl):
 
 @pytest.mark.points(2)
 def test_rotary_attention_rotates_queries_and_keys_only(impl):
-    """Catches rotating the values too, forgetting the causal mask, and a missing 1/sqrt(D).
-    Reference: Llama's rotary embedding and torch's causal SDPA."""
+    """Catches rotating the values too, forgetting the causal mask, a missing 1/sqrt(D), and
+    rotating q and k with different pairings. Either pairing is accepted (the exercise does not
+    fix one). Reference: Llama's (rotate-half) or Meta's (interleaved) rotary embedding, then
+    torch's causal SDPA."""
     ex = impl("ch04_transformer")
     q, k, v = randn(2, 2, 6, 8), randn(2, 2, 6, 8, seed=1), randn(2, 2, 6, 8, seed=2)
-    cos, sin = llama_cos_sin(torch.arange(6), 8)
-    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos[None], sin[None])
-    want = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True)
-    torch.testing.assert_close(ex.rotary_attention(q, k, v), want, **F64)
+    positions = torch.arange(6)
+    out = ex.rotary_attention(q, k, v)
+    errors = {}
+    for name, rotate in (("rotate-half", half_rotary), ("interleaved", meta_rotary)):
+        want = F.scaled_dot_product_attention(
+            rotate(q, positions), rotate(k, positions), v, is_causal=True
+        )
+        errors[name] = (out - want).abs().max().item()
+    assert min(errors.values()) < 1e-10, (
+        "rotary_attention matches neither pairing: max difference "
+        + ", ".join(f"{e:.2e} from {name}" for name, e in errors.items())
+    )
+
+
+@pytest.mark.points(2)
+def test_interleaved_to_half_permutes_within_each_head(impl):
+    """Catches permuting the rows of the whole matrix instead of within each head, and the
+    inverse permutation (half -> interleaved). Checked on the row order itself (3 heads of 4
+    features: rows 0, 2, 1, 3 | 4, 6, 5, 7 | ...) and by what the permutation is for: queries and
+    keys from the permuted weights, rotated with rotate-half, give the same scores as the
+    original weights with the interleaved pairing (Meta's reference rotation)."""
+    ex = impl("ch04_transformer")
+    rows = torch.arange(12.0, dtype=torch.float64)[:, None].expand(12, 2)
+    got = ex.interleaved_to_half(rows, n_heads=3)[:, 0].long().tolist()
+    want = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11]
+    assert got == want, f"row order after the permutation: expected {want}, got {got}"
+
+    n_heads, d_head, C, T = 2, 8, 12, 5
+    w_q, w_k = randn(n_heads * d_head, C, seed=1), randn(n_heads * d_head, C, seed=2)
+    x, positions = randn(T, C, seed=3), torch.arange(T)
+
+    def scores(wq, wk, rotate):
+        q = (x @ wq.T).view(T, n_heads, d_head).transpose(0, 1)  # (H, T, D)
+        k = (x @ wk.T).view(T, n_heads, d_head).transpose(0, 1)
+        return rotate(q, positions) @ rotate(k, positions).transpose(-2, -1)
+
+    permuted = [ex.interleaved_to_half(w, n_heads=n_heads) for w in (w_q, w_k)]
+    torch.testing.assert_close(
+        scores(*permuted, half_rotary),
+        scores(w_q, w_k, meta_rotary),
+        **F64,
+        msg="rotate-half on the permuted weights must give the interleaved model's scores",
+    )
 
 
 def gpt2_block_and_weights(n_embd=16, n_head=4, seed=0):
@@ -149,10 +246,14 @@ def gpt2_block_and_weights(n_embd=16, n_head=4, seed=0):
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.3)
-    s = block.state_dict()
+    return block, block_weights_from_gpt2(block.state_dict())
+
+
+def block_weights_from_gpt2(s: dict) -> dict:
+    """A GPT2Block's state dict under gpt_block's names, in nn.Linear layout."""
     q_w, k_w, v_w = s["attn.c_attn.weight"].T.chunk(3)
     q_b, k_b, v_b = s["attn.c_attn.bias"].chunk(3)
-    weights = {
+    return {
         "ln_1.weight": s["ln_1.weight"],
         "ln_1.bias": s["ln_1.bias"],
         "self_attn.q_proj.weight": q_w,
@@ -170,7 +271,6 @@ def gpt2_block_and_weights(n_embd=16, n_head=4, seed=0):
         "mlp.down_proj.weight": s["mlp.c_proj.weight"].T,
         "mlp.down_proj.bias": s["mlp.c_proj.bias"],
     }
-    return block, weights
 
 
 @pytest.mark.points(3)
@@ -199,6 +299,61 @@ def test_gpt_block_is_causal(impl):
     before, after = ex.gpt_block(x, weights, 4), ex.gpt_block(changed, weights, 4)
     torch.testing.assert_close(before[:, :4], after[:, :4], **F64)
     assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def gpt2_model_and_weights(tie: bool, n_layer=2, n_embd=16, n_head=4, vocab=30, seed=0):
+    """A transformers GPT2LMHeadModel with random weights, and the same weights under the names
+    gpt_forward takes (the blocks' as in gpt2_block_and_weights)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=16,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        tie_word_embeddings=tie,
+        resid_pdrop=0.0,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    s = model.state_dict()
+    weights = {
+        "tok_emb.weight": s["transformer.wte.weight"],
+        "pos_emb.weight": s["transformer.wpe.weight"],
+        "ln_f.weight": s["transformer.ln_f.weight"],
+        "ln_f.bias": s["transformer.ln_f.bias"],
+        "lm_head.weight": s["lm_head.weight"],
+    }
+    for i, block in enumerate(model.transformer.h):
+        block_weights = block_weights_from_gpt2(block.state_dict())
+        weights.update({f"blocks.{i}.{name}": w for name, w in block_weights.items()})
+    return model, weights
+
+
+@pytest.mark.points(3)
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_gpt_forward_matches_gpt2(impl, tie):
+    """The whole forward pass, embeddings to logits, against transformers' GPT2LMHeadModel with
+    the same weights (2 blocks). Catches a missing position embedding (or positions added in
+    every block), the final ln_f left out, a bias or a transpose missing in the output head,
+    the token matrix used as the head when the weights are not tied, and blocks applied in the
+    wrong order or the same block twice."""
+    ex = impl("ch04_transformer")
+    model, weights = gpt2_model_and_weights(tie)
+    idx = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(idx).logits
+    out = ex.gpt_forward(idx, weights, n_layer=2, n_head=4)
+    assert out.shape == (2, 9, 30), f"expected (B, T, V) = (2, 9, 30), got {tuple(out.shape)}"
+    error = (out - want).abs().max().item()
+    assert error < 1e-9, (
+        f"max |your logits - GPT2LMHeadModel's| = {error:.2e} with "
+        f"{'tied' if tie else 'untied'} weights, expected rounding only (< 1e-9)"
+    )
 
 
 @pytest.mark.points(2)
