@@ -1,0 +1,409 @@
+"""The compute budget (chapter 05) and scaling laws (chapter 06): FLOPs per token from the
+architecture, a count of the real FLOPs of a training step, this machine's matmul peak, model
+FLOP utilisation (MFU), time-to-train estimates, and the fit of L(N, D) = E + A/N^alpha + B/D^beta.
+
+Read it top to bottom:
+
+1. `matmul_weights` and `flops_per_token`: the FLOPs of one training token, derived from the
+   config of a `GPT` or a `Llama`; `counted_flops` counts them on a real step with
+   `torch.utils.flop_counter.FlopCounterMode` (tests/test_compute.py checks that the two agree);
+2. `matmul_peak`, `mfu`: the achieved FLOP/s of a training run against this machine's measured
+   matmul peak;
+3. `time_to_train` and `TIME_TO_TRAIN`: named models on named hardware, assumptions stated;
+4. `ScalingLaw`, `CHINCHILLA`, `fit_scaling_law`: the loss as a function of parameters N and
+   training tokens D, fitted as Hoffmann et al. (2022) fit theirs, and the compute-optimal N for
+   a budget C = 6 N D.
+
+A FLOP here is one floating-point multiply or add: a multiply-add counts 2, so `(m, k) @ (k, n)`
+costs 2 m k n, torch's convention too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from minillm.errors import InputError, InputTypeError, require_positive
+from minillm.llama import LlamaConfig
+from minillm.model import GPTConfig
+
+# ---------------------------------------------------------------------------------------------
+# 1. FLOPs per token
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, (GPTConfig, LlamaConfig)):
+        raise InputTypeError(
+            f"the FLOP count takes a GPTConfig or a LlamaConfig, got {type(config).__name__}"
+        )
+
+
+def matmul_weights(config: GPTConfig | LlamaConfig) -> int:
+    """The weights of every matrix multiply one token passes through, lm_head included.
+
+    Per block: q_proj and o_proj (C x C), k_proj and v_proj (C x G*D: C x C in the GPT, fewer
+    with grouped-query attention), and the MLP (two C x 4C in the GPT, three C x I in a Llama's
+    SwiGLU); then lm_head (C x V), which multiplies every token's hidden state even when it shares
+    its matrix with the token table. Embedding lookups, biases, norms, activations and the softmax
+    are not matrix multiplies and are left out (together < 1% of the FLOPs here).
+    """
+    _check_config(config)
+    c = config
+    kv_width = c.n_kv_head * c.head_dim if isinstance(c, LlamaConfig) else c.n_embd
+    attention = 2 * c.n_embd * c.n_embd + 2 * c.n_embd * kv_width
+    mlp = 3 * c.n_embd * c.intermediate_size if isinstance(c, LlamaConfig) else 8 * c.n_embd**2
+    return c.n_layer * (attention + mlp) + c.n_embd * c.vocab_size
+
+
+def flops_per_token(
+    config: GPTConfig | LlamaConfig, seq_len: int | None = None, *, backward: bool = True
+) -> int:
+    """FLOPs to train on one token of a sequence of `seq_len` (the config's block_size by default):
+
+        forward            2 W + 4 n_layer T d
+        forward + backward 6 W + 12 n_layer T d     (backward=True)
+
+    W = `matmul_weights(config)` (each weight is one multiply-add per token: 2 FLOPs), T the
+    sequence length and d = n_head x head_dim = n_embd the width of the queries. Attention adds two
+    matmuls per layer that have no weights: q k^T (T x d by d x T) and the probabilities times v
+    (T x T by T x d), 2 T d FLOPs per token each. The backward pass costs twice the forward: each
+    matmul's input gradient and its weight gradient are one matmul each.
+
+    This is the count of a kernel that computes the full T x T scores, as torch's
+    `FlopCounterMode` counts them. The causal mask makes half of them unneeded, and a kernel that
+    skips masked tiles does 6 n_layer T d attention FLOPs: that is Kaplan et al.'s (2020)
+    C = 6N + 6 n_layer T d, with N the non-embedding parameters. The common shorthand 6N drops the
+    attention term and lm_head (and counts biases and norm gains as if they were matmuls).
+    """
+    _check_config(config)
+    t = (
+        config.block_size
+        if seq_len is None
+        else int(require_positive(seq_len, "seq_len", integer=True))
+    )
+    forward = 2 * matmul_weights(config) + 4 * config.n_layer * t * config.n_embd
+    return 3 * forward if backward else forward
+
+
+def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FlopCounterMode has formulas for the CUDA attention kernels but none for the CPU flash
+# kernel that F.scaled_dot_product_attention runs here; without these two it would count 0.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def counted_flops(model: nn.Module, idx: Tensor, targets: Tensor) -> dict[str, int]:
+    """The FLOPs of one real training step's forward and backward, counted operator by operator by
+    `torch.utils.flop_counter.FlopCounterMode` (with `CPU_ATTENTION_FLOPS`): a dict of aten
+    operator name -> FLOPs, and "total". The parameters' gradients are cleared afterwards."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        _, loss = model(idx, targets)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return {**counts, "total": counter.get_total_flops()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. This machine's peak and the model FLOP utilisation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A measured matmul throughput: the median and the range over the repeats, in FLOP/s."""
+
+    median: float
+    low: float
+    high: float
+    size: int
+    dtype: str
+    device: str
+    threads: int
+    repeats: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median / 1e9:.1f} GFLOP/s (median of {self.repeats}, range "
+            f"{self.low / 1e9:.1f}-{self.high / 1e9:.1f}; {self.size}x{self.size} {self.dtype} "
+            f"matmul on {self.device}, {self.threads} threads)"
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    size: int = 2048,
+    repeats: int = 7,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Peak:
+    """This machine's matmul throughput: `size` x `size` by `size` x `size` (2 size^3 FLOPs),
+    timed `repeats` times after one warm-up, with torch's current number of threads. The median
+    is the figure to divide by (one slow repeat on a shared machine does not move it); it is what
+    the machine reaches on the best-shaped work a model does, so MFU below 1 is expected."""
+    size = int(require_positive(size, "size", integer=True))
+    repeats = int(require_positive(repeats, "repeats", integer=True))
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    torch.mm(a, b, out=out)  # warm-up: threads, caches, kernel selection
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        rates.append(2 * size**3 / (time.perf_counter() - start))
+    return Peak(
+        statistics.median(rates),
+        min(rates),
+        max(rates),
+        size,
+        str(dtype).removeprefix("torch."),
+        str(device),
+        torch.get_num_threads(),
+        repeats,
+    )
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) -> float:
+    """Model FLOP utilisation: the FLOP/s the model's own arithmetic accounts for
+    (`flops_per_token` x tokens per second) as a fraction of the peak. Work the model does not need
+    (activation recomputation, padding) does not count, so engines are compared on equal terms."""
+    for name, value in (
+        ("flops_per_token", flops_per_token),
+        ("tokens_per_s", tokens_per_s),
+        ("peak_flops_per_s", peak_flops_per_s),
+    ):
+        require_positive(value, name)
+    return flops_per_token * tokens_per_s / peak_flops_per_s
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Time to train
+# ---------------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (without 2:4 sparsity) from NVIDIA's data sheets, in FLOP/s.
+ACCELERATORS = {
+    "A100 SXM (bf16 dense 312 TFLOP/s)": 312e12,
+    "H100 SXM (bf16 dense 989 TFLOP/s)": 989e12,
+}
+
+# Named models as configs (no weights are built) and the tokens they were trained on.
+NAMED_MODELS = {
+    "GPT-2 124M on 10B tokens": (
+        GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        10e9,
+    ),
+    "Llama-2 7B on 2T tokens": (
+        LlamaConfig(
+            vocab_size=32000,
+            block_size=4096,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=32,
+            n_embd=4096,
+            intermediate_size=11008,
+        ),
+        2e12,
+    ),
+}
+
+
+def time_to_train(
+    flops_per_token: float, tokens: float, peak_flops_per_s: float, mfu: float, devices: int = 1
+) -> float:
+    """Seconds to train on `tokens` tokens: flops_per_token x tokens / (devices x peak x mfu).
+    Assumes perfect scaling over `devices` (communication hidden or counted in the MFU)."""
+    require_positive(flops_per_token, "flops_per_token")
+    require_positive(tokens, "tokens")
+    require_positive(peak_flops_per_s, "peak_flops_per_s")
+    require_positive(devices, "devices", integer=True)
+    if not 0 < mfu <= 1:
+        raise InputError(f"mfu must be in (0, 1], got {mfu!r}")
+    return flops_per_token * tokens / (devices * peak_flops_per_s * mfu)
+
+
+def time_to_train_table(mfu: float = 0.4, devices: int = 1) -> list[dict[str, float | str]]:
+    """One row per named model and accelerator: the model's FLOPs per token (`flops_per_token`
+    at its training context), the total FLOPs, and the days on `devices` accelerators at the
+    stated bf16 peak and `mfu`."""
+    rows = []
+    for (model, (config, tokens)), (chip, peak) in itertools.product(
+        NAMED_MODELS.items(), ACCELERATORS.items()
+    ):
+        per_token = flops_per_token(config)
+        seconds = time_to_train(per_token, tokens, peak, mfu, devices)
+        rows.append(
+            {
+                "model": model,
+                "accelerator": chip,
+                "flops_per_token": per_token,
+                "total_flops": per_token * tokens,
+                "days": seconds / 86400,
+                "gpu_hours": seconds * devices / 3600,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Scaling laws
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta: the loss of a model of N parameters trained on D
+    tokens. E is the loss no model reaches (the text's own entropy); the two terms are what a
+    finite model and a finite run add to it."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n_params, tokens):
+        """L at `n_params` and `tokens` (numbers or numpy arrays of one shape)."""
+        n, d = np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    def compute_optimal(self, flops: float) -> tuple[float, float]:
+        """(N, D) that minimise L on the budget C = 6 N D = `flops`.
+
+        With D = C / (6N), dL/dN = 0 gives alpha A / N^alpha = beta B / D^beta, so
+        N_opt = G (C/6)^(beta / (alpha + beta)) with G = (alpha A / (beta B))^(1 / (alpha + beta)),
+        and D_opt = C / (6 N_opt).
+        """
+        require_positive(flops, "flops")
+        s = self.alpha + self.beta
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
+        n = g * (flops / 6) ** (self.beta / s)
+        return n, flops / (6 * n)
+
+
+# Hoffmann et al. (2022), "Training compute-optimal large language models", approach 3 (their
+# eq. 10): fitted to over 400 runs of 70M to 16B parameters on MassiveText, loss in nats per
+# (SentencePiece) token. Its compute-optimal models train on about 20 tokens per parameter.
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """A fitted `ScalingLaw` with how well it fits: the residuals log L_fit - log L of each run
+    (about the relative error), their root mean square and largest magnitude."""
+
+    law: ScalingLaw
+    residuals: np.ndarray
+    rms: float
+    max_abs: float
+
+
+_EXPONENT_GRID = np.linspace(0.05, 1.5, 30)
+# Huber's loss with delta 1e-3 has gradients of 1e-3 and less: scipy's default tolerances would
+# stop far from the minimum.
+_LBFGS_OPTIONS = {"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-13}
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Huber's loss of residuals `r` and its derivative."""
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    return value, np.where(small, r, delta * np.sign(r))
+
+
+def fit_scaling_law(
+    n_params: Sequence[float],
+    tokens: Sequence[float],
+    losses: Sequence[float],
+    *,
+    huber_delta: float = 1e-3,
+) -> ScalingFit:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs as Hoffmann et al. (2022) did: in log space,
+    log L = logsumexp(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, by
+    minimising the Huber loss (delta 1e-3: least squares on small residuals, robust to outliers)
+    of log L_fit - log L with L-BFGS from the best starting points of a grid, keeping the best.
+
+    Fitting logarithms weighs every run by its relative error; the log-sum-exp form keeps E, A and
+    B positive without constraints. Five parameters need runs that vary N and D independently:
+    at least 6, in practice a grid of several sizes by several token budgets.
+    """
+    from scipy.optimize import minimize, nnls
+    from scipy.special import logsumexp
+
+    n, d, loss = (np.asarray(v, dtype=float) for v in (n_params, tokens, losses))
+    if not (n.ndim == d.ndim == loss.ndim == 1 and len(n) == len(d) == len(loss)):
+        raise InputError("n_params, tokens and losses must be three 1-D sequences of one length")
+    if len(n) < 6:
+        raise InputError(f"five parameters need at least 6 runs, got {len(n)}")
+    if not (np.isfinite(np.stack([n, d, loss])).all() and (n > 0).all() and (d > 0).all()):
+        raise InputError("n_params and tokens must be finite and > 0, losses finite")
+    if (loss <= 0).any():
+        raise InputError("losses must be > 0 (a cross-entropy in nats)")
+    log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
+
+    def objective(theta):
+        a, b, e, alpha, beta = theta
+        terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+        pred = logsumexp(terms, axis=0)
+        value, slope = _huber(pred - log_l, huber_delta)
+        weights = np.exp(terms - pred)  # d pred / d (each term): the softmax of the terms
+        grad = np.array(
+            [
+                (slope * weights[0]).sum(),
+                (slope * weights[1]).sum(),
+                (slope * weights[2]).sum(),
+                -(slope * weights[0] * log_n).sum(),
+                -(slope * weights[1] * log_d).sum(),
+            ]
+        )
+        return value.sum(), grad
+
+    # Starting points: for fixed exponents the law is linear in (E, A, B), so a grid of exponents
+    # with non-negative least squares on relative errors (about log space) gives good starts
+    # cheaply; L-BFGS then refines the best few on the real objective.
+    starts = []
+    for alpha, beta in itertools.product(_EXPONENT_GRID, _EXPONENT_GRID):
+        design = np.stack([np.ones_like(n), n**-alpha, d**-beta], axis=1) / loss[:, None]
+        coef, misfit = nnls(design, np.ones_like(loss))
+        e, a, b = np.log(np.maximum(coef, 1e-8))
+        starts.append((misfit, (a, b, e, alpha, beta)))
+    starts.sort(key=lambda s: s[0])
+    best = None
+    for _, start in starts[:3]:
+        result = minimize(
+            objective, np.array(start), jac=True, method="L-BFGS-B", options=_LBFGS_OPTIONS
+        )
+        if best is None or result.fun < best.fun:
+            best = result
+    a, b, e, alpha, beta = best.x
+    law = ScalingLaw(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta))
+    residuals = np.log(law.loss(n, d)) - log_l
+    return ScalingFit(
+        law, residuals, float(np.sqrt(np.mean(residuals**2))), float(np.abs(residuals).max())
+    )

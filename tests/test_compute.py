@@ -1,0 +1,159 @@
+"""minillm.compute: the FLOP formula against torch's FlopCounterMode on real training steps, the
+matmul peak and MFU, time-to-train by hand, and the scaling-law fit on data from known laws."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minillm import compute
+from minillm.errors import InputError, InputTypeError
+from minillm.llama import Llama, LlamaConfig
+from minillm.model import GPT, GPTConfig
+
+
+def step_flops(model, batch=2):
+    torch.manual_seed(0)
+    c = model.config
+    idx = torch.randint(0, c.vocab_size, (batch, c.block_size))
+    return compute.counted_flops(model, idx, idx), batch * c.block_size
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        GPT(GPTConfig(attention="manual")),
+        GPT(GPTConfig(attention="manual", tie_weights=False, n_layer=2, n_embd=96, n_head=3)),
+        Llama(LlamaConfig(attention="manual")),  # grouped-query: 2 key/value heads for 4
+        Llama(LlamaConfig(attention="manual", n_kv_head=1, intermediate_size=200)),  # one kv head
+    ],
+    ids=["gpt", "gpt-untied", "llama-gqa", "llama-mqa"],
+)
+def test_formula_equals_flop_counter_exactly_with_written_out_attention(model):
+    """Every FLOP FlopCounterMode counts in a real forward + backward (mm, addmm for the linear
+    layers, bmm for q k^T and p v) is in 6 W + 12 n_layer T d, and nothing else: exact equality."""
+    counts, tokens = step_flops(model)
+    assert counts["total"] == tokens * compute.flops_per_token(model.config), counts
+    attention = counts["aten.bmm"]
+    c = model.config
+    assert attention == tokens * 12 * c.n_layer * c.block_size * c.n_embd
+
+
+@pytest.mark.parametrize("model", [GPT(GPTConfig()), Llama(LlamaConfig())], ids=["gpt", "llama"])
+def test_fused_attention_count_adds_the_backward_recomputation(model):
+    """With torch's fused CPU attention (the default), the counter sees the flash kernel's backward
+    recompute q k^T: 2.5 times the forward's attention instead of 2, so the count exceeds the
+    model FLOPs by exactly 2 n_layer T d per token; the matmul part is unchanged."""
+    counts, tokens = step_flops(model)
+    c = model.config
+    extra = tokens * 2 * c.n_layer * c.block_size * c.n_embd
+    assert counts["total"] == tokens * compute.flops_per_token(c) + extra, counts
+    forward = counts["aten._scaled_dot_product_flash_attention_for_cpu"]
+    assert forward == tokens * 4 * c.n_layer * c.block_size * c.n_embd
+
+
+def test_flops_per_token_by_hand_and_against_6n():
+    """The course GPT by hand (C = 128, 4 layers, V = 65, T = 64): W = 4 * 12 C^2 + C V =
+    794,752; 6 W + 12 * 4 * 64 * 128 = 5,161,728. The 6N shorthand with N the non-embedding
+    parameters is 8% lower (it drops lm_head and attention, adds biases and gains)."""
+    config = GPTConfig()
+    assert compute.matmul_weights(config) == 794_752
+    assert compute.flops_per_token(config) == 5_161_728
+    assert compute.flops_per_token(config, backward=False) == 5_161_728 // 3
+    assert compute.flops_per_token(config, seq_len=32) == 6 * 794_752 + 12 * 4 * 32 * 128
+    n = GPT(config).num_parameters(non_embedding=True)
+    assert 0.07 < 1 - 6 * n / compute.flops_per_token(config) < 0.09
+    # Llama-2 7B: 6.74e9 parameters, of which 6.61e9 are matmul weights (the 32000 x 4096
+    # embedding table is not).
+    llama7b, _ = compute.NAMED_MODELS["Llama-2 7B on 2T tokens"]
+    assert compute.matmul_weights(llama7b) == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
+
+
+def test_flops_refuses_other_configs():
+    with pytest.raises(InputTypeError, match="GPTConfig or a LlamaConfig"):
+        compute.flops_per_token({"n_layer": 4})
+    with pytest.raises(InputError):
+        compute.flops_per_token(GPTConfig(), seq_len=0)
+
+
+def test_matmul_peak_is_a_median_within_its_range():
+    """A real measurement: positive, median between the extremes, the settings recorded. (No speed
+    is asserted: the machine may be busy.)"""
+    peak = compute.matmul_peak(size=256, repeats=5)
+    assert 0 < peak.low <= peak.median <= peak.high
+    assert (peak.size, peak.repeats, peak.dtype, peak.device) == (256, 5, "float32", "cpu")
+    assert "GFLOP/s" in str(peak)
+    with pytest.raises(InputError):
+        compute.matmul_peak(size=0)
+
+
+def test_mfu_and_time_to_train_by_hand():
+    """MFU = 6e6 FLOPs/token x 1e3 tokens/s / 1e10 FLOP/s = 0.6. GPT-2 124M: 854,438,400 FLOPs per
+    token x 10e9 tokens at 40% of 312e12 on one A100 = 6.846e7 s = 0.792 days."""
+    assert compute.mfu(6e6, 1e3, 1e10) == pytest.approx(0.6, rel=1e-12)
+    gpt2, tokens = compute.NAMED_MODELS["GPT-2 124M on 10B tokens"]
+    assert compute.flops_per_token(gpt2) == 854_438_400
+    seconds = compute.time_to_train(854_438_400, tokens, 312e12, 0.4)
+    assert seconds == pytest.approx(854_438_400 * 1e10 / (0.4 * 312e12), rel=1e-12)
+    assert compute.time_to_train(1e9, 1e12, 1e15, 0.5, devices=8) == pytest.approx(250_000.0)
+    rows = compute.time_to_train_table(mfu=0.4)
+    assert len(rows) == len(compute.NAMED_MODELS) * len(compute.ACCELERATORS)
+    row = rows[0]
+    assert row["days"] == pytest.approx(seconds / 86400, rel=1e-12)
+    for bad in (0.0, 1.5):
+        with pytest.raises(InputError, match="mfu"):
+            compute.time_to_train(1e9, 1e9, 1e12, bad)
+    with pytest.raises(InputError):
+        compute.mfu(1e6, -1.0, 1e9)
+
+
+GRID_N = np.repeat([1e3, 3e3, 1e4, 3e4, 1e5], 3)
+GRID_D = np.tile([1e5, 1e6, 1e7], 5)
+
+
+def test_fit_recovers_known_parameters_from_noise_free_runs():
+    """Runs generated from a known law (5 sizes x 3 budgets): the fit returns its five parameters
+    to 1e-6 relative and residuals below 1e-9."""
+    truth = compute.ScalingLaw(E=1.5, A=50.0, B=300.0, alpha=0.4, beta=0.3)
+    fit = compute.fit_scaling_law(GRID_N, GRID_D, truth.loss(GRID_N, GRID_D))
+    for name in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(fit.law, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+    assert fit.rms < 1e-9 and fit.max_abs < 1e-9
+
+
+def test_fit_recovers_chinchilla_at_its_own_scale():
+    """Hoffmann et al.'s law sampled at 10M-1B parameters and 1B-100B tokens is fitted back."""
+    n, d = GRID_N * 1e4, GRID_D * 1e4
+    fit = compute.fit_scaling_law(n, d, compute.CHINCHILLA.loss(n, d))
+    for name in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(fit.law, name) == pytest.approx(getattr(compute.CHINCHILLA, name), rel=1e-4)
+
+
+def test_compute_optimal_minimises_the_loss_on_the_budget():
+    """N_opt from the closed form against a brute-force search of L(N, C / 6N) over N; and
+    Chinchilla's law gives about 20 tokens per parameter at Chinchilla's own budget (5.76e23)."""
+    law = compute.CHINCHILLA
+    for budget in (1e18, 5.76e23):
+        n_opt, d_opt = law.compute_optimal(budget)
+        assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-12)
+        grid = np.logspace(math.log10(n_opt) - 1, math.log10(n_opt) + 1, 20001)
+        best = grid[np.argmin(law.loss(grid, budget / (6 * grid)))]
+        assert best == pytest.approx(n_opt, rel=1e-3)
+    n_opt, d_opt = law.compute_optimal(5.76e23)
+    assert 15 < d_opt / n_opt < 100  # tokens per parameter: tens, not Kaplan's ~1
+    with pytest.raises(InputError):
+        law.compute_optimal(0.0)
+
+
+def test_fit_refuses_bad_input():
+    with pytest.raises(InputError, match="at least 6"):
+        compute.fit_scaling_law([1, 2, 3], [1, 2, 3], [3, 2, 1])
+    with pytest.raises(InputError, match="one length"):
+        compute.fit_scaling_law(GRID_N, GRID_D[:-1], GRID_N)
+    bad = np.ones(15)
+    bad[3] = np.nan
+    with pytest.raises(InputError, match="finite"):
+        compute.fit_scaling_law(GRID_N, GRID_D, bad)
+    with pytest.raises(InputError, match="> 0"):
+        compute.fit_scaling_law(GRID_N, GRID_D, -np.ones(15))
