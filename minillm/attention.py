@@ -10,7 +10,8 @@ Masks follow torch's `F.scaled_dot_product_attention` boolean convention: **True
 attend"**. (`nn.MultiheadAttention`'s `attn_mask` and `key_padding_mask` use the opposite one,
 True = blocked; `MultiHeadAttention.to_torch` and the tests show the conversion.) A mask broadcasts
 against the scores `(batch, heads, seq_q, seq_k)`: `causal_mask` gives `(seq, seq)`,
-`padding_mask` gives `(batch, 1, 1, seq_k)`, and `combine_masks` ANDs any of them.
+`padding_mask` gives `(batch, 1, 1, seq_k)`, `document_mask` the block-diagonal causal
+`(batch, 1, seq, seq)` of packed documents, and `combine_masks` ANDs any of them.
 
 A query row whose keys are all masked (left padding under a causal mask, an empty sequence) has
 no distribution to take: its weights and its output are defined as zeros, with finite gradients,
@@ -215,6 +216,50 @@ def combine_masks(*masks: Tensor | None) -> Tensor | None:
             raise InputTypeError("combine_masks takes boolean tensors (True = may attend)")
         combined = m if combined is None else combined & m
     return combined
+
+
+def _check_doc_ids(doc_ids: object) -> Tensor:
+    if not isinstance(doc_ids, Tensor) or doc_ids.dtype not in (torch.long, torch.int):
+        got = doc_ids.dtype if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+        raise InputTypeError(f"doc_ids must be an integer tensor (batch, seq), got {got}")
+    if doc_ids.dim() != 2 or doc_ids.shape[1] == 0:
+        raise InputError(f"doc_ids must have shape (batch, seq), got {tuple(doc_ids.shape)}")
+    if (doc_ids[:, 1:] < doc_ids[:, :-1]).any():
+        raise InputError(
+            "doc_ids must not decrease along a row: each document is one run of equal ids "
+            "(0, 0, 0, 1, 1, 2, ...), as pack_documents numbers them"
+        )
+    return doc_ids
+
+
+def document_mask(doc_ids: Tensor) -> Tensor:
+    """`(batch, 1, seq, seq)` boolean for documents packed into rows: query i may attend to key j
+    when j <= i and both lie in the same document, so that no document sees another one.
+
+    `doc_ids` `(batch, seq)` numbers each row's documents, one run of equal ids per document.
+
+    >>> document_mask(torch.tensor([[0, 0, 1]])).int().squeeze()
+    tensor([[1, 0, 0],
+            [1, 1, 0],
+            [0, 0, 1]], dtype=torch.int32)
+    """
+    doc_ids = _check_doc_ids(doc_ids)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal_mask(doc_ids.shape[1], doc_ids.device))[:, None]
+
+
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """`(batch, seq)` positions that restart at 0 where each document of `doc_ids` begins.
+
+    >>> document_positions(torch.tensor([[0, 0, 0, 1, 1, 2]]))
+    tensor([[0, 1, 2, 0, 1, 0]])
+    """
+    doc_ids = _check_doc_ids(doc_ids)
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    begins = torch.ones_like(doc_ids, dtype=torch.bool)
+    begins[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(begins, index, 0).cummax(dim=1).values  # where each one's document began
+    return index - first
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:

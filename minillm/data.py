@@ -13,6 +13,7 @@ import http.client
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -197,13 +198,14 @@ def load_tokens(name: str, tokenizer: Tokenizer, *, progress: bool = True) -> np
     """Corpus `name` as one 1-D array of token ids (dtype `token_dtype(tokenizer.vocab_size)`).
 
     The first call encodes the corpus and saves the array beside it in the data cache; later calls
-    with the same corpus and tokenizer only read that file.
+    with the same corpus and tokenizer only read that file. The text is streamed through
+    `tokenizer.encode_file`, so memory holds the ids (2 bytes each) but never the whole text.
     """
     path = tokens_path(name, tokenizer)
     if path.is_file():
         return np.load(path)
-    ids = np.asarray(
-        tokenizer.encode(load_text(name, progress=progress)),
+    ids = np.fromiter(
+        tokenizer.encode_file(fetch(name, progress=progress)),
         dtype=token_dtype(tokenizer.vocab_size),
     )
     # Renamed into place once whole, like downloads; named per process, since every rank of a
@@ -320,3 +322,84 @@ class TokenBatchSampler:
                     "with the same data and batch shape, or the batches would not continue the run"
                 )
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+# Packing: documents end to end in fixed-length rows, each attending only to itself.
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Documents packed into rows of one length (`pack_documents`); all tensors `(rows, T)`.
+
+    `input_ids` the tokens; `targets` each token's successor within its document (-100 at a
+    document's last token and at padding); `doc_ids` numbers the documents of each row from 0
+    (padding is one more). `GPT.forward(input_ids, targets, doc_ids=doc_ids)` gives every
+    document the logits it would have alone.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    doc_ids: torch.Tensor
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions restarting at 0 at each document (`minillm.attention.document_positions`)."""
+        from minillm.attention import document_positions
+
+        return document_positions(self.doc_ids)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The block-diagonal causal mask `(rows, 1, T, T)`, True = may attend
+        (`minillm.attention.document_mask`)."""
+        from minillm.attention import document_mask
+
+        return document_mask(self.doc_ids)
+
+
+def pack_documents(documents: Iterable[Sequence[int]], block_size: int, eot_id: int) -> PackedRows:
+    """Each document's token ids followed by `eot_id`, laid end to end into rows of `block_size`.
+
+    A document starts a new row when it does not fit in what is left of the current one, so no
+    document is split between rows, except one longer than a row: that one is cut into pieces
+    of `block_size` tokens, each packed as a document of its own. The end of a row is padded
+    with `eot_id` (targets -100). Packing wastes only that padding, where one document per row
+    would pad every row to the longest.
+    """
+    import torch
+
+    from minillm.model import IGNORE_INDEX
+
+    require_positive(block_size, "block_size", integer=True)
+    if isinstance(eot_id, bool) or not isinstance(eot_id, int) or eot_id < 0:
+        raise InputTypeError(f"eot_id must be a token id (an int >= 0), got {eot_id!r}")
+    if isinstance(documents, (str, bytes)):
+        raise InputTypeError("documents must be an iterable of token id sequences, not text")
+    segments: list[list[int]] = []
+    for i, doc in enumerate(documents):
+        ids = np.asarray(doc)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise InputTypeError(
+                f"document {i} must be a 1-D sequence of integer token ids, got shape "
+                f"{ids.shape} and dtype {ids.dtype}"
+            )
+        tokens = [*ids.tolist(), eot_id]
+        segments += [tokens[k : k + block_size] for k in range(0, len(tokens), block_size)]
+    if not segments:
+        raise InputError("pack_documents needs at least one document")
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # input_ids, targets, doc_ids
+    for segment in segments:
+        if not rows or len(rows[-1][0]) + len(segment) > block_size:
+            rows.append(([], [], []))
+        inputs, targets, docs = rows[-1]
+        doc = docs[-1] + 1 if docs else 0
+        inputs += segment
+        targets += [*segment[1:], IGNORE_INDEX]
+        docs += [doc] * len(segment)
+    for inputs, targets, docs in rows:
+        pad = block_size - len(inputs)
+        if pad:
+            inputs += [eot_id] * pad
+            targets += [IGNORE_INDEX] * pad
+            docs += [docs[-1] + 1] * pad
+    return PackedRows(*(torch.tensor([row[k] for row in rows]) for k in range(3)))

@@ -195,10 +195,13 @@ class LlamaAttention(nn.Module):
         *,
         rotary: tuple[Tensor, Tensor],
         is_causal: bool = True,
+        attn_mask: Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
         """`x` `(B, T, C)` at the positions of `rotary`'s `(cos, sin)` tables -> `(B, T, C)`.
+        `attn_mask` `(B, 1, T, T)`, True = may attend, replaces the causal mask (packed
+        documents' `document_mask`).
 
         With a `cache`, the G key/value heads of this call are appended to `cache.layers[layer]`
         (as `minillm.model.Attention` does): a filled cache takes one new token per call."""
@@ -214,11 +217,17 @@ class LlamaAttention(nn.Module):
         if self.attention == "flash":
             if dropout_p:
                 raise InputError("attention='flash' has no attention dropout; set dropout=0")
+            if attn_mask is not None:
+                raise InputError(
+                    "attention='flash' takes no attention mask (packed documents); use 'sdpa'"
+                )
             y = flash_attention(q, k, v, causal=is_causal)
         elif self.attention == "manual":
-            y = manual_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+            y = manual_attention(q, k, v, mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+            )
         return self.resid_dropout(self.o_proj(merge_heads(y)))
 
 
@@ -246,12 +255,18 @@ class LlamaBlock(nn.Module):
         *,
         rotary: tuple[Tensor, Tensor],
         is_causal: bool = True,
+        attn_mask: Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
         """`(B, T, C)` -> `(B, T, C)`; the keyword arguments are `LlamaAttention.forward`'s."""
         a = self.self_attn(
-            self.ln_1(x), rotary=rotary, is_causal=is_causal, cache=cache, layer=layer
+            self.ln_1(x),
+            rotary=rotary,
+            is_causal=is_causal,
+            attn_mask=attn_mask,
+            cache=cache,
+            layer=layer,
         )
         x = x + a
         return x + self.mlp(self.ln_2(x))
@@ -345,25 +360,44 @@ class Llama(GPT):
         init_weights(self, c.n_layer)
         self.activation_checkpoint = None
 
-    def add_positions(self, x: Tensor, start: int = 0) -> Tensor:
+    def add_positions(self, x: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
         """Nothing is added (attention rotates q and k); only the embedding dropout."""
         return self.drop(x)
 
-    def rotary(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def rotary(
+        self, start: int, length: int, device: torch.device, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The `(cos, sin)` tables `(length, D)` of positions start..start+length-1, in this
-        model's pairing."""
+        model's pairing; of `positions` `(B, T)` instead, `(B, 1, T, D)` (each row its own)."""
         c = self.config
-        positions = torch.arange(start, start + length, device=device)
+        rows = positions
+        if rows is None:
+            positions = torch.arange(start, start + length, device=device)
         tables = rotary_cos_sin if c.rope_pairing == "half" else rotary_cos_sin_interleaved
-        return tables(positions, c.head_dim, c.rope_base)
+        cos, sin = tables(positions, c.head_dim, c.rope_base)
+        return (cos, sin) if rows is None else (cos[:, None], sin[:, None])
 
-    def run_blocks(self, x: Tensor, start: int = 0, cache: KVCache | None = None) -> Tensor:
+    def run_blocks(
+        self,
+        x: Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """`x` `(B, T, C)` at positions start..start+T-1 through every block this model holds,
-        causally; `cache` collects each block's G key/value heads."""
-        rotary = self.rotary(start, x.shape[1], x.device)  # the same tables for every layer
+        causally; `cache` collects each block's G key/value heads. Packed documents give their
+        own `positions` `(B, T)` and `attn_mask` (`GPT.run_blocks`)."""
+        # the same tables for every layer
+        rotary = self.rotary(start, x.shape[1], x.device, positions)
+        causal = attn_mask is None  # a document mask is causal itself
         for i, block in enumerate(self.blocks):
             if self.activation_checkpoint is not None and torch.is_grad_enabled():
-                x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
+                x = self.activation_checkpoint(
+                    block, x, is_causal=causal, attn_mask=attn_mask, rotary=rotary
+                )
             else:
-                x = block(x, is_causal=True, rotary=rotary, cache=cache, layer=i)
+                x = block(
+                    x, is_causal=causal, attn_mask=attn_mask, rotary=rotary, cache=cache, layer=i
+                )
         return x

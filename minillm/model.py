@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from minillm.attention import merge_heads
+from minillm.attention import combine_masks, document_mask, document_positions, merge_heads
 from minillm.attention import scaled_dot_product_attention as manual_attention
 from minillm.errors import InputError, InputTypeError, require_positive, unknown_name
 
@@ -45,10 +45,11 @@ IGNORE_INDEX = -100  # targets equal to this are left out of the loss (padding, 
 
 
 def position_angles(positions: Tensor, dim: int, base: float) -> Tensor:
-    """`pos * base^(-2i/dim)` for each position and each i < dim/2: `(len(positions), dim // 2)`."""
+    """`pos * base^(-2i/dim)` for each position and each i < dim/2: `(*positions.shape, dim // 2)`
+    (positions `(T,)`, or `(B, T)` when every row has its own, as packed documents do)."""
     even = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = base ** (-even / dim)
-    return positions.float()[:, None] * inv_freq
+    return positions.float()[..., None] * inv_freq
 
 
 def rotary_cos_sin(
@@ -151,14 +152,16 @@ class Attention(nn.Module):
         *,
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
         """Attend from `x` `(B, T, C)` to `context` `(B, S, C)` (`x` itself when None).
 
-        `key_padding_mask` `(B, S)` is True at real tokens and False at padding; `rotary` is the
-        `(cos, sin)` pair from `rotary_cos_sin`, each `(T, D)`. Returns `(B, T, C)`.
+        `key_padding_mask` `(B, S)` is True at real tokens and False at padding; `attn_mask` a
+        boolean `(B, 1, T, S)` (True = may attend; e.g. `document_mask`, which is causal itself);
+        `rotary` is the `(cos, sin)` pair from `rotary_cos_sin`, each `(T, D)`. Returns `(B, T, C)`.
 
         With a `cache` (causal self-attention), this call's keys and values are appended to
         `cache.layers[layer]` and the queries attend to all of them: either the cache was empty
@@ -173,7 +176,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, extended = cache.extend(layer, k, v)
             is_causal = is_causal and not extended
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        padding = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        mask = combine_masks(padding, attn_mask)
         dropout_p = self.dropout if self.training else 0.0
         if self.manual:
             y = manual_attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p)
@@ -274,6 +278,7 @@ class Block(nn.Module):
         *,
         is_causal: bool = False,
         padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         memory: Tensor | None = None,
         memory_padding_mask: Tensor | None = None,
@@ -281,12 +286,14 @@ class Block(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         """`x` `(B, T, C)` -> `(B, T, C)`; `memory` `(B, S, C)` is the encoder output that a
-        decoder block cross-attends to. Masks are `(B, T)` / `(B, S)`, True at real tokens.
+        decoder block cross-attends to. Masks are `(B, T)` / `(B, S)`, True at real tokens;
+        `attn_mask` `(B, 1, T, T)` is a whole self-attention mask (`Attention.forward`).
         `cache` and `layer`: this block's place in a `KVCache` (see `Attention.forward`)."""
         x = x + self.self_attn(
             self.ln_1(x),
             is_causal=is_causal,
             key_padding_mask=padding_mask,
+            attn_mask=attn_mask,
             rotary=rotary,
             cache=cache,
             layer=layer,
@@ -473,28 +480,49 @@ class GPT(nn.Module):
             self.activation_checkpoint = checkpoint
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        doc_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """`idx` `(B, T)` integer token ids, T <= block_size; `targets` `(B, T)` the token that
         follows each position (-100 where nothing should be learned); `cache` a `KVCache` that
-        holds the tokens before `idx` (generating with a cache, `minillm.generate`).
+        holds the tokens before `idx` (generating with a cache, `minillm.generate`); `doc_ids`
+        `(B, T)` numbers the documents packed into each row (`minillm.data.pack_documents`):
+        each document then attends only to itself, from position 0, as if it ran alone.
 
         Returns logits `(B, T, V)` and the mean cross-entropy over the targets (None without).
         """
-        logits = self.lm_head(self.hidden_states(idx, cache=cache))
+        logits = self.lm_head(self.hidden_states(idx, cache=cache, doc_ids=doc_ids))
         return logits, lm_loss(logits, targets)
 
     def hidden_states(
-        self, idx: Tensor, prefix: Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: Tensor,
+        prefix: Tensor | None = None,
+        cache: KVCache | None = None,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         """The final LayerNorm's output `(B, T, C)`: what `lm_head` scores, and what a
         classification or reward head reads (chapter 10).
 
         `prefix` `(B or 1, P, C)` are vectors placed before the token embeddings, as if they were
         P more tokens (the learned soft prompt of prompt tuning): they take positions 0..P-1,
-        every token attends to them, and the output is `(B, P + T, C)`.
+        every token attends to them, and the output is `(B, P + T, C)`. `doc_ids`: see `forward`.
         """
         c = self.config
+        if doc_ids is not None:
+            if prefix is not None or cache is not None:
+                raise InputError("packed documents (doc_ids) take no prefix and no KV cache")
+            check_token_ids(idx, c.vocab_size, c.block_size)
+            if not isinstance(doc_ids, Tensor) or doc_ids.shape != idx.shape:
+                got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids)
+                raise InputError(f"doc_ids must have idx's shape {tuple(idx.shape)}, got {got}")
+            positions = document_positions(doc_ids)
+            x = self.add_positions(self.embed_tokens(idx), positions=positions)
+            x = self.run_blocks(x, positions=positions, attn_mask=document_mask(doc_ids))
+            return self.ln_f(x)
         start = 0  # the position of idx's first token
         if cache is not None:
             if prefix is not None or len(cache.layers) != c.n_layer:
@@ -527,26 +555,44 @@ class GPT(nn.Module):
             )
         return torch.cat((prefix.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
 
-    def add_positions(self, x: Tensor, start: int = 0) -> Tensor:
-        """Add the learned position vectors of positions start..start+T-1 to `x` `(B, T, C)`,
-        once, here (with rotary positions nothing is added: attention rotates q and k), then
-        apply dropout."""
+    def add_positions(self, x: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Add the learned position vectors of positions start..start+T-1 (or of `positions`
+        `(B, T)`, each row its own) to `x` `(B, T, C)`, once, here (with rotary positions nothing
+        is added: attention rotates q and k), then apply dropout."""
         if self.config.positions == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + x.shape[1], device=x.device))
+            if positions is None:
+                positions = torch.arange(start, start + x.shape[1], device=x.device)
+            x = x + self.pos_emb(positions)
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor, start: int = 0, cache: KVCache | None = None) -> Tensor:
+    def run_blocks(
+        self,
+        x: Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """`x` `(B, T, C)` at positions start..start+T-1 through every block this GPT holds, in
-        order, causally; `cache` collects each block's keys and values."""
+        order, causally; `cache` collects each block's keys and values. Packed documents give
+        their own `positions` `(B, T)` and `attn_mask` (`document_mask`) instead."""
         rotary = None
         if self.config.positions == "rotary":  # the same tables for every layer
-            positions = torch.arange(start, start + x.shape[1], device=x.device)
+            if positions is None:
+                positions = torch.arange(start, start + x.shape[1], device=x.device)
             rotary = rotary_cos_sin(positions, self.config.head_dim)
+            if positions.dim() == 2:  # (B, T, D) -> (B, 1, T, D): each row's table, every head
+                rotary = (rotary[0][:, None], rotary[1][:, None])
+        causal = attn_mask is None  # a document mask is causal itself
         for i, block in enumerate(self.blocks):
             if self.activation_checkpoint is not None and torch.is_grad_enabled():
-                x = self.activation_checkpoint(block, x, is_causal=True, rotary=rotary)
+                x = self.activation_checkpoint(
+                    block, x, is_causal=causal, attn_mask=attn_mask, rotary=rotary
+                )
             else:
-                x = block(x, is_causal=True, rotary=rotary, cache=cache, layer=i)
+                x = block(
+                    x, is_causal=causal, attn_mask=attn_mask, rotary=rotary, cache=cache, layer=i
+                )
         return x
 
     def head(self, x: Tensor) -> Tensor:

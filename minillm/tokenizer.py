@@ -25,6 +25,12 @@ merges from the same text (`train_hf_bpe` builds that trainer).
 Special tokens (e.g. `<|endoftext|>`) take the ids after the merged tokens. Training ignores them;
 `encode` turns each occurrence in the text into its single id unless `allow_special=False`.
 
+Streaming. `encode_iterable(chunks)` and `encode_file(path)` give exactly `encode(whole text)`
+while holding only the current chunk and a short tail: a BPE piece is emitted once the text after
+it can no longer change it (see `BPETokenizer._settled`), so no piece or special token is ever cut
+at a chunk boundary. Chunks may be `str` or UTF-8 `bytes` (decoded incrementally, so a character
+split between two byte chunks is joined first).
+
 File format (JSON, UTF-8)::
 
     {"format": "minillm-tokenizer", "version": 1, "type": "bpe",
@@ -37,13 +43,15 @@ Version 1 implies byte-level BPE with `GPT2_PATTERN`; merged ids are rebuilt by 
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import heapq
 import json
 import os
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -120,6 +128,20 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """The text of token ids `ids` (a list, a 1-D array or tensor)."""
 
+    def encode_iterable(self, chunks: Iterable[str | bytes]) -> Iterator[int]:
+        """The ids of the concatenated `chunks`, yielded chunk by chunk: equal to
+        `encode("".join(chunks))`. Here each chunk is encoded on its own, which is exact for a
+        tokenizer with one id per character; `BPETokenizer` carries a tail across chunks."""
+        for text in decoded_chunks(chunks):
+            yield from self.encode(text)
+
+    def encode_file(self, path: str | os.PathLike, *, chunk_chars: int = 1 << 16) -> Iterator[int]:
+        """The ids of the UTF-8 text file at `path`, read `chunk_chars` characters at a time (in
+        memory: one chunk and the tokenizer's tail, whatever the file's size)."""
+        require_positive(chunk_chars, "chunk_chars", integer=True)
+        with open(path, encoding="utf-8") as f:  # newlines as `Path.read_text` reads them
+            yield from self.encode_iterable(iter(functools.partial(f.read, chunk_chars), ""))
+
     @abstractmethod
     def _fields(self) -> dict[str, Any]:
         """The type-specific part of the file."""
@@ -165,6 +187,39 @@ class Tokenizer(ABC):
                     f"ids[{pos}] = {i} is not a token id; ids run from 0 to {self.vocab_size - 1}"
                 )
         return ids
+
+
+def decoded_chunks(chunks: Iterable[str | bytes]) -> Iterator[str]:
+    """`chunks` as text: `str` chunks as they are, `bytes` chunks decoded as UTF-8 incrementally
+    (a character whose bytes straddle two chunks comes out whole with the second)."""
+    if isinstance(chunks, (str, bytes)):
+        raise InputTypeError(
+            f"chunks must be an iterable of str or bytes chunks, got one {type(chunks).__name__}; "
+            "pass [text], or call encode(text)"
+        )
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes decoded so far, for the error message
+    for i, chunk in enumerate(chunks):
+        if isinstance(chunk, str):
+            yield chunk
+            continue
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise InputTypeError(f"chunk {i} must be str or bytes, got {type(chunk).__name__}")
+        pending = len(decoder.getstate()[0])  # bytes of a character the last chunk began
+        try:
+            yield decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"chunk {i} is not UTF-8: byte {offset - pending + exc.start} of the stream cannot "
+                f"be decoded ({exc.reason}); decode it with its own encoding and pass str chunks"
+            ) from None
+        offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InputError(
+            "the byte chunks end inside a UTF-8 character (the stream was cut mid-character)"
+        ) from None
 
 
 def load(path: str | os.PathLike) -> Tokenizer:
@@ -445,21 +500,86 @@ class BPETokenizer(Tokenizer):
         else:
             parts = [text]
         ids: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.special_tokens[part])
+            else:
+                self._encode_pieces(_GPT2_SPLIT.findall(part), ids, text)
+        return ids
+
+    def _encode_pieces(self, pieces: Iterable[str], ids: list[int], text: str) -> None:
+        """Append the ids of pre-tokenised `pieces` of `text` to `ids` (through the cache)."""
         try:
-            for k, part in enumerate(parts):
-                if k % 2:
-                    ids.append(self.special_tokens[part])
-                    continue
-                for piece in _GPT2_SPLIT.findall(part):
-                    piece_ids = self._cache.get(piece)
-                    if piece_ids is None:
-                        if len(self._cache) >= _CACHE_SIZE:
-                            self._cache.clear()
-                        piece_ids = self._cache[piece] = self._encode_piece(piece.encode("utf-8"))
-                    ids.extend(piece_ids)
+            for piece in pieces:
+                piece_ids = self._cache.get(piece)
+                if piece_ids is None:
+                    if len(self._cache) >= _CACHE_SIZE:
+                        self._cache.clear()
+                    piece_ids = self._cache[piece] = self._encode_piece(piece.encode("utf-8"))
+                ids.extend(piece_ids)
         except UnicodeEncodeError as exc:
             raise _surrogate_error(text, exc) from None
-        return ids
+
+    def encode_iterable(
+        self, chunks: Iterable[str | bytes], *, allow_special: bool = True
+    ) -> Iterator[int]:
+        """The ids of the concatenated `chunks` (str, or UTF-8 bytes), exactly
+        `encode("".join(chunks), allow_special=...)`, yielded as they settle.
+
+        Only the current chunk and a tail of unsettled text are held: a few pieces normally. (A
+        single piece is never cut, so text without whitespace or punctuation, one long run of
+        letters, is held whole until it ends.)
+        """
+        tail = ""
+        for chunk in decoded_chunks(chunks):
+            tail += chunk
+            ids, settled = self._settled(tail, allow_special)
+            yield from ids
+            tail = tail[settled:]
+        yield from self.encode(tail, allow_special=allow_special)
+
+    def _settled(self, text: str, allow_special: bool) -> tuple[list[int], int]:
+        r"""The ids of the longest prefix of `text` whose ids no continuation of `text` can
+        change, and that prefix's length.
+
+        Special tokens: none may start at or after `hold`, the first place from which the end of
+        `text` could be the beginning of one; before it, the splitter's matches are final. Pieces:
+        GPT-2's pattern decides a piece from its own characters and at most the two after it
+        (the 3-character contractions `'ll`, `'re`, `'ve`; the look-ahead of `\s+(?!\S)`), so a
+        piece with two characters after it, none past `hold`, is final.
+        """
+        hold = len(text)
+        if allow_special and self._special_split:
+            longest = max(map(len, self.special_tokens))
+            for start in range(max(0, len(text) - longest + 1), len(text)):
+                if any(s.startswith(text[start:]) for s in self.special_tokens):
+                    hold = start
+                    break
+            parts = self._special_split.split(text)
+        else:
+            parts = [text]
+        ids: list[int] = []
+        start = 0  # of parts[k] in text
+        for k, part in enumerate(parts):
+            end = start + len(part)
+            if k % 2:  # a special token
+                if start >= hold:
+                    break
+                ids.append(self.special_tokens[part])
+            elif k + 1 < len(parts) and end < hold:  # text ended by a settled special token
+                self._encode_pieces(_GPT2_SPLIT.findall(part), ids, text)
+            else:  # the open end: the settled pieces only
+                stop = max(start, min(end, hold))
+                pieces = []
+                for match in _GPT2_SPLIT.finditer(text, start, stop):
+                    if match.end() > stop - 2:
+                        break
+                    pieces.append(match.group())
+                    start = match.end()
+                self._encode_pieces(pieces, ids, text)
+                return ids, start
+            start = end
+        return ids, start
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 (half a character) become '\\ufffd'."""
