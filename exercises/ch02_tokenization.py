@@ -2,9 +2,11 @@
 `raise NotImplementedError`.
 
 Token ids are Python ints: 0-255 are the UTF-8 byte values, and merge number i (counting from 0)
-makes token 256 + i. These exercises work on the whole text as one sequence of bytes (no
-pre-tokenisation). Use Python, numpy and torch; the tests compare your answers with
-`minillm.tokenizer` and `minillm.data`, so do not call those here.
+makes token 256 + i. The first exercises work on the whole text as one sequence of bytes;
+`train_bpe_words` and `encode_words` then cut it into pieces first, as GPT-2 does, with
+`minillm.tokenizer.pretokenize` (the one library function you may call here). Otherwise use
+Python, numpy and torch; the tests compare your answers with `minillm.tokenizer` and
+`minillm.data`, so do not call those here.
 
 Grade with `minillm grade ch02`, or
 `pytest tests/exercises/test_ch02_tokenization.py --impl exercises`.
@@ -16,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from minillm.tokenizer import pretokenize  # noqa: F401 -- for train_bpe_words, encode_words
 
 
 def count_pairs(ids: Sequence[int]) -> dict[tuple[int, int], int]:
@@ -134,6 +138,62 @@ def decode(ids: Sequence[int], merges: Sequence[tuple[int, int]]) -> str:
     raise NotImplementedError
 
 
+def train_bpe_words(
+    text: str, num_merges: int, special_tokens: Sequence[str] = ()
+) -> list[tuple[int, int]]:
+    """Learn `num_merges` byte-level BPE merges inside the pre-tokenizer's pieces.
+
+    1. Cut every occurrence of a special token out of `text`: its characters are never counted.
+    2. Cut what is left into pieces with `minillm.tokenizer.pretokenize` (GPT-2's pattern).
+    3. Count pairs inside each piece only, each piece as often as it occurs; merge as in
+       `train_bpe` (most frequent pair, ties to the smallest pair, ids from 256), everywhere in
+       every piece. Stop early when no piece has two tokens left.
+
+    Args:
+        text: the training text.
+        num_merges: how many merges to learn.
+        special_tokens: strings such as "<|endoftext|>" that are not text.
+
+    Returns:
+        The merged pairs in the order learned; pair i made token 256 + i.
+
+    Example:
+        >>> train_bpe_words("ab ab<|endoftext|>ab", 2, ["<|endoftext|>"])  # "ab", " ab", "ab"
+        [(97, 98), (32, 256)]
+
+    Off limits: `minillm.tokenizer.learn_merges`, `minillm.tokenizer.BPETokenizer.train`,
+    `minillm.tokenizer.train_hf_bpe` (this exercise asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def encode_words(
+    text: str, merges: Sequence[tuple[int, int]], special_tokens: Sequence[str] = ()
+) -> list[int]:
+    """Encode `text` as a tokenizer trained by `train_bpe_words` does.
+
+    Special token i is the single id 256 + len(merges) + i wherever it occurs (the longest one
+    wins where two overlap); the text between special tokens is cut by `pretokenize`, and each
+    piece is encoded on its own with `encode`, so no token spans two pieces.
+
+    Args:
+        text: any text.
+        merges: pairs as returned by `train_bpe_words`.
+        special_tokens: as given to `train_bpe_words`.
+
+    Returns:
+        `(n,)` token ids.
+
+    Example:
+        >>> encode_words("ab ab<|endoftext|>", [(97, 98), (32, 256)], ["<|endoftext|>"])
+        [256, 257, 258]
+
+    Off limits: `minillm.tokenizer.BPETokenizer.encode` (this exercise asks you to write it; a
+    call fails the test).
+    """
+    raise NotImplementedError
+
+
 def compression_ratio(text: str, ids: Sequence[int]) -> float:
     """How many bytes of UTF-8 text each token stands for on average.
 
@@ -192,5 +252,35 @@ def get_batch(
         >>> x, y = get_batch(np.array([5, 6, 7, 8, 9]), [0, 2], 2)
         >>> x.tolist(), y.tolist()
         ([[5, 6], [7, 8]], [[6, 7], [8, 9]])
+    """
+    raise NotImplementedError
+
+
+def sample_batch(
+    ids: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random training batch: `batch_size` windows at offsets drawn uniformly by `rng`.
+
+    A window needs block_size + 1 tokens (the target runs one token past the input), so the
+    offsets are 0 .. len(ids) - block_size - 1, every one of them possible. Draw them with
+    `rng.integers` (the same generator state gives the same batch), then cut the windows as
+    `get_batch` does.
+
+    Args:
+        ids: `(n,)` token ids, n > block_size.
+        block_size: tokens per row.
+        batch_size: rows.
+        rng: where the randomness comes from.
+
+    Returns:
+        `(x, y)`, both `(batch_size, block_size)` int64 tensors, y the input shifted by one.
+
+    Example:
+        >>> x, y = sample_batch(np.arange(10), 4, 2, np.random.default_rng(0))
+        >>> bool((y == x + 1).all()), int(x.max()) <= 8
+        (True, True)
+
+    Off limits: `minillm.data.TokenBatchSampler` (this exercise asks you to write it; a call fails
+    the test).
     """
     raise NotImplementedError

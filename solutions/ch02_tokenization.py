@@ -1,16 +1,19 @@
 """Chapter 02 reference solutions: byte-level BPE and token streams from Python primitives.
 
 Same signatures and contracts as `exercises/ch02_tokenization.py`; `minillm.tokenizer` (with
-GPT-2 pre-tokenisation, special tokens and fast incremental training) and `minillm.data` are the
-library versions.
+fast incremental training and GPT-2's tie order) and `minillm.data` are the library versions.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from minillm.tokenizer import pretokenize
 
 
 def count_pairs(ids: Sequence[int]) -> dict[tuple[int, int], int]:
@@ -151,6 +154,87 @@ def decode(ids: Sequence[int], merges: Sequence[tuple[int, int]]) -> str:
     return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
 
 
+def _split_specials(text: str, special_tokens: Sequence[str]) -> list[str]:
+    """text, special, text, special, ..., text (just [text] without special tokens)."""
+    if not special_tokens:
+        return [text]
+    # Longest first: where one special token contains another, the longer one wins.
+    alternatives = sorted(special_tokens, key=len, reverse=True)
+    return re.split("(" + "|".join(map(re.escape, alternatives)) + ")", text)
+
+
+def train_bpe_words(
+    text: str, num_merges: int, special_tokens: Sequence[str] = ()
+) -> list[tuple[int, int]]:
+    """Learn `num_merges` byte-level BPE merges inside the pre-tokenizer's pieces.
+
+    1. Cut every occurrence of a special token out of `text`: its characters are never counted.
+    2. Cut what is left into pieces with `minillm.tokenizer.pretokenize` (GPT-2's pattern).
+    3. Count pairs inside each piece only, each piece as often as it occurs; merge as in
+       `train_bpe` (most frequent pair, ties to the smallest pair, ids from 256), everywhere in
+       every piece. Stop early when no piece has two tokens left.
+
+    Args:
+        text: the training text.
+        num_merges: how many merges to learn.
+        special_tokens: strings such as "<|endoftext|>" that are not text.
+
+    Returns:
+        The merged pairs in the order learned; pair i made token 256 + i.
+
+    Example:
+        >>> train_bpe_words("ab ab<|endoftext|>ab", 2, ["<|endoftext|>"])  # "ab", " ab", "ab"
+        [(97, 98), (32, 256)]
+    """
+    parts = _split_specials(text, special_tokens)[::2]  # the text between special tokens
+    pieces = Counter(piece for part in parts for piece in pretokenize(part))
+    words = {tuple(piece.encode("utf-8")): count for piece, count in pieces.items()}
+    merges: list[tuple[int, int]] = []
+    for i in range(num_merges):
+        counts: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] += count
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        words = {tuple(merge_pair(word, best, 256 + i)): count for word, count in words.items()}
+        merges.append(best)
+    return merges
+
+
+def encode_words(
+    text: str, merges: Sequence[tuple[int, int]], special_tokens: Sequence[str] = ()
+) -> list[int]:
+    """Encode `text` as a tokenizer trained by `train_bpe_words` does.
+
+    Special token i is the single id 256 + len(merges) + i wherever it occurs (the longest one
+    wins where two overlap); the text between special tokens is cut by `pretokenize`, and each
+    piece is encoded on its own with `encode`, so no token spans two pieces.
+
+    Args:
+        text: any text.
+        merges: pairs as returned by `train_bpe_words`.
+        special_tokens: as given to `train_bpe_words`.
+
+    Returns:
+        `(n,)` token ids.
+
+    Example:
+        >>> encode_words("ab ab<|endoftext|>", [(97, 98), (32, 256)], ["<|endoftext|>"])
+        [256, 257, 258]
+    """
+    special_ids = {s: 256 + len(merges) + i for i, s in enumerate(special_tokens)}
+    ids: list[int] = []
+    for k, part in enumerate(_split_specials(text, special_tokens)):
+        if k % 2:  # odd positions hold the special tokens themselves
+            ids.append(special_ids[part])
+        else:
+            for piece in pretokenize(part):
+                ids.extend(encode(piece, merges))
+    return ids
+
+
 def compression_ratio(text: str, ids: Sequence[int]) -> float:
     """How many bytes of UTF-8 text each token stands for on average.
 
@@ -212,3 +296,33 @@ def get_batch(
     x = torch.from_numpy(np.stack([ids[s : s + block_size] for s in starts]))
     y = torch.from_numpy(np.stack([ids[s + 1 : s + block_size + 1] for s in starts]))
     return x, y
+
+
+def sample_batch(
+    ids: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random training batch: `batch_size` windows at offsets drawn uniformly by `rng`.
+
+    A window needs block_size + 1 tokens (the target runs one token past the input), so the
+    offsets are 0 .. len(ids) - block_size - 1, every one of them possible. Draw them with
+    `rng.integers` (the same generator state gives the same batch), then cut the windows as
+    `get_batch` does.
+
+    Args:
+        ids: `(n,)` token ids, n > block_size.
+        block_size: tokens per row.
+        batch_size: rows.
+        rng: where the randomness comes from.
+
+    Returns:
+        `(x, y)`, both `(batch_size, block_size)` int64 tensors, y the input shifted by one.
+
+    Example:
+        >>> x, y = sample_batch(np.arange(10), 4, 2, np.random.default_rng(0))
+        >>> bool((y == x + 1).all()), int(x.max()) <= 8
+        (True, True)
+    """
+    # integers(low, high) never draws high itself: high = len - block_size makes the last
+    # offset len - block_size - 1, whose target ends at the stream's last token.
+    starts = rng.integers(0, len(ids) - block_size, size=batch_size)
+    return get_batch(ids, starts.tolist(), block_size)
