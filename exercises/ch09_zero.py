@@ -1,4 +1,4 @@
-"""Chapter 09 exercises: ZeRO's arithmetic and one ZeRO-1 step, then a DeepSpeed config.
+"""Chapter 09 exercises: ZeRO's arithmetic, ZeRO-1, -2 and -3 steps, then a DeepSpeed config.
 
 Replace each `raise NotImplementedError` with your code; `minillm grade ch09` grades them (the
 tests are in tests/exercises/test_ch09_zero.py). Use torch and torch.distributed, not
@@ -96,6 +96,57 @@ def zero1_adamw_step(
 
     Example, 2 ranks, n = 3: rank 0 updates param[0:2], rank 1 param[2:3] (its slice [2, 4)
     is padded by one value); both end with all 3 values updated, `state["exp_avg"].shape == (2,)`.
+    """
+    raise NotImplementedError
+
+
+def zero2_adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Tensor:
+    """One ZeRO-2 AdamW step, run in every rank: `zero1_adamw_step`, except that the gradients
+    are reduce-scattered, so that this rank receives only the average of its own slice (never
+    the whole averaged gradient, which is what saves ZeRO-2's memory). Returns that averaged
+    gradient slice, `(ceil(n / N),)`, the padding's values 0.
+
+    Example, 2 ranks, n = 3, rank 0's grad [1, 2, 3] and rank 1's [3, 4, 5]: rank 0 returns
+    [2, 3], rank 1 [4, 0] (its slice [2, 4): one value and the padding).
+
+    Off limits: `dist.all_reduce` (it leaves every rank the whole averaged gradient: the test
+    counts its calls) and `minillm.parallel.zero.Zero` (a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def zero3_adamw_step(
+    shard: Tensor,
+    numel: int,
+    loss_fn,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> float:
+    """One ZeRO-3 AdamW step, run in every rank. Between steps a rank holds only `shard`, its
+    `shard_range` slice `(ceil(numel / N),)` of the padded flat parameter vector. All-gather the
+    whole vector, compute `loss_fn(full[:numel])` (this rank's loss, on its part of the batch)
+    and its gradient, reduce-scatter the gradient averaged over the ranks into this rank's slice,
+    and update `shard` in place with AdamW (as `zero1_adamw_step`); the whole vector and
+    gradient are dropped when the step returns. Returns this rank's loss (a float).
+
+    (A real ZeRO-3 engine does this layer by layer: it gathers a layer's weights just before
+    the layer's forward, frees them, and gathers them again for its backward.)
+
+    Off limits: `dist.all_reduce` (the test counts its calls) and `minillm.parallel.zero.Zero`
+    (a call fails the test).
     """
     raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""Chapter 10 exercises: the arithmetic inside fine-tuning, LoRA and DPO.
+"""Chapter 10 exercises: the arithmetic inside fine-tuning, LoRA, reward models and DPO.
 
 Replace each `raise NotImplementedError` with your code; `minillm grade ch10` grades them (the
 tests are in tests/exercises/test_ch10_finetuning.py). Use plain Python and torch operations, not
@@ -92,6 +92,40 @@ def lora_parameter_count(config: GPTConfig, r: int, targets: Sequence[str]) -> i
 
     Off limits: `minillm.finetune.parameter_counts`, `minillm.finetune.add_lora` (this exercise asks
     you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def response_logprobs(
+    logits: Tensor, ids: Tensor, prompt_lengths: Tensor, lengths: Tensor
+) -> Tensor:
+    """Each sequence's log-probability of its response: the sum over the response's tokens of
+    log p(token | everything before it). `ids` `(B, T)` holds B right-padded sequences, prompt
+    then response; `logits` `(B, T, V)` is what the GPT computed reading `ids`, so position t's
+    logits predict token t + 1. Row b's response is `ids[b, prompt_lengths[b]:lengths[b]]`; the
+    prompt and the padding count nothing. Returns `(B,)`, differentiable with respect to
+    `logits` (DPO trains through it).
+
+    Example: a row with prompt_length 2 and length 4 sums log_softmax(logits[b, 1])[ids[b, 2]]
+    and log_softmax(logits[b, 2])[ids[b, 3]].
+
+    Off limits: `minillm.finetune.sequence_logprobs` (this exercise asks you to write it; a call
+    fails the test).
+    """
+    raise NotImplementedError
+
+
+def reward_model_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """The Bradley-Terry loss of a reward model on a batch of preference pairs, averaged over
+    the batch (a 0-d tensor): -log sigmoid(r_chosen - r_rejected) for each pair, `chosen` and
+    `rejected` `(B,)` the rewards the model gave the pair's two answers. Each pair is compared
+    with itself only, not with the other pairs of the batch. It must stay finite and exact for
+    margins of hundreds.
+
+    Example: equal rewards give log 2 = 0.6931 for every pair.
+
+    Off limits: `minillm.finetune.reward_model_loss` (this exercise asks you to write it; a call
+    fails the test).
     """
     raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""Chapter 09 solutions: ZeRO's arithmetic and one ZeRO-1 step, then a DeepSpeed config.
+"""Chapter 09 solutions: ZeRO's arithmetic, ZeRO-1, -2 and -3 steps, then a DeepSpeed config.
 
 The reference answers to exercises/ch09_zero.py, written from torch and torch.distributed
 (`minillm grade ch09 --impl solutions` scores full marks).
@@ -109,16 +109,91 @@ def zero1_adamw_step(
     rank, world_size = dist.get_rank(), dist.get_world_size()
     n = param.numel()
     start, end = shard_range(n, rank, world_size)
-    size = end - start
-    padded = torch.zeros(size * world_size, dtype=param.dtype)
+    padded = torch.zeros((end - start) * world_size, dtype=param.dtype)
     padded[:n] = grad
     dist.all_reduce(padded)
-    g = padded[start:end] / world_size
     flat = torch.zeros_like(padded)
     flat[:n] = param
     p = flat[start:end].clone()
+    _adamw_update(p, padded[start:end] / world_size, state, lr, betas, eps, weight_decay)
+    dist.all_gather_single(flat, p)
+    param.copy_(flat[:n])
+
+
+def zero2_adamw_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Tensor:
+    """One ZeRO-2 AdamW step, run in every rank: `zero1_adamw_step`, except that the gradients
+    are reduce-scattered, so that this rank receives only the average of its own slice (never
+    the whole averaged gradient, which is what saves ZeRO-2's memory). Returns that averaged
+    gradient slice, `(ceil(n / N),)`, the padding's values 0.
+
+    Example, 2 ranks, n = 3, rank 0's grad [1, 2, 3] and rank 1's [3, 4, 5]: rank 0 returns
+    [2, 3], rank 1 [4, 0] (its slice [2, 4): one value and the padding).
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    n = param.numel()
+    start, end = shard_range(n, rank, world_size)
+    padded = torch.zeros((end - start) * world_size, dtype=param.dtype)
+    padded[:n] = grad
+    mine = torch.empty(end - start, dtype=param.dtype)
+    dist.reduce_scatter_single(mine, padded)
+    mine /= world_size
+    flat = torch.zeros_like(padded)
+    flat[:n] = param
+    p = flat[start:end].clone()
+    _adamw_update(p, mine, state, lr, betas, eps, weight_decay)
+    dist.all_gather_single(flat, p)
+    param.copy_(flat[:n])
+    return mine
+
+
+def zero3_adamw_step(
+    shard: Tensor,
+    numel: int,
+    loss_fn,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> float:
+    """One ZeRO-3 AdamW step, run in every rank. Between steps a rank holds only `shard`, its
+    `shard_range` slice `(ceil(numel / N),)` of the padded flat parameter vector. All-gather the
+    whole vector, compute `loss_fn(full[:numel])` (this rank's loss, on its part of the batch)
+    and its gradient, reduce-scatter the gradient averaged over the ranks into this rank's slice,
+    and update `shard` in place with AdamW (as `zero1_adamw_step`); the whole vector and
+    gradient are dropped when the step returns. Returns this rank's loss (a float).
+
+    (A real ZeRO-3 engine does this layer by layer: it gathers a layer's weights just before
+    the layer's forward, frees them, and gathers them again for its backward.)
+    """
+    world_size = dist.get_world_size()
+    full = torch.empty(shard.numel() * world_size, dtype=shard.dtype)
+    dist.all_gather_single(full, shard)
+    full.requires_grad_(True)
+    loss = loss_fn(full[:numel])
+    loss.backward()
+    mine = torch.empty_like(shard)
+    dist.reduce_scatter_single(mine, full.grad)  # the padding's gradient is 0
+    mine /= world_size
+    with torch.no_grad():
+        _adamw_update(shard, mine, state, lr, betas, eps, weight_decay)
+    return loss.item()
+
+
+def _adamw_update(p, g, state, lr, betas, eps, weight_decay) -> None:
+    """torch.optim.AdamW's rule on one slice `p` (in place), its moments kept in `state`."""
     if not state:
-        zeros = torch.zeros(size, dtype=param.dtype)
+        zeros = torch.zeros_like(p)
         state.update(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
     b1, b2 = betas
     state["step"] += 1
@@ -128,8 +203,6 @@ def zero1_adamw_step(
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     p.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
-    dist.all_gather_single(flat, p)
-    param.copy_(flat[:n])
 
 
 def deepspeed_config(

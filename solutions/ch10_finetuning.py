@@ -1,4 +1,4 @@
-"""Chapter 10 solutions: the arithmetic inside fine-tuning, LoRA and DPO.
+"""Chapter 10 solutions: the arithmetic inside fine-tuning, LoRA, reward models and DPO.
 
 The reference answers to exercises/ch10_finetuning.py, written from torch alone
 (`minillm grade ch10 --impl solutions` scores full marks).
@@ -49,6 +49,21 @@ def lora_parameter_count(config: GPTConfig, r: int, targets: Sequence[str]) -> i
     shapes |= {"up_proj": (c, 4 * c), "down_proj": (4 * c, c)}
     per_block = sum(r * (fan_in + fan_out) for fan_in, fan_out in (shapes[t] for t in targets))
     return config.n_layer * per_block
+
+
+def response_logprobs(
+    logits: Tensor, ids: Tensor, prompt_lengths: Tensor, lengths: Tensor
+) -> Tensor:
+    logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
+    nxt = ids[:, 1:]  # the token that position t predicts
+    picked = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+    position = torch.arange(1, ids.shape[1])  # of the predicted token
+    kept = (position >= prompt_lengths[:, None]) & (position < lengths[:, None])
+    return (picked * kept).sum(-1).to(logits.dtype)
+
+
+def reward_model_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    return -F.logsigmoid(chosen - rejected).mean()
 
 
 def dpo_loss(

@@ -322,3 +322,16 @@ def zero3_on_ranks(ex, world_size, n, steps):
     return launch(
         _zero3_rank, world_size, ex.__name__.split(".")[0], n, steps, backend="gloo", echo=False
     )
+
+
+# -- chapter 10 --------------------------------------------------------------------------------
+
+
+def sum_and_backward(ex, name, *args):
+    """`ex.name(*args)`, then backward from the sum of its result: the result and the gradient
+    of every argument that requires one."""
+    result = getattr(ex, name)(*args)
+    result.sum().backward()
+    return result.detach(), [
+        a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad
+    ]

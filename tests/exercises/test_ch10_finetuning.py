@@ -25,6 +25,8 @@ OFF_LIMITS = {
     "merge_lora_weight": ("minillm.finetune.merge_lora",),
     "lora_parameter_count": ("minillm.finetune.parameter_counts", "minillm.finetune.add_lora"),
     "dpo_loss": ("minillm.finetune.dpo_loss",),
+    "response_logprobs": ("minillm.finetune.sequence_logprobs",),
+    "reward_model_loss": ("minillm.finetune.reward_model_loss",),
 }
 
 
@@ -124,6 +126,116 @@ def test_lora_parameter_count_equals_peft_on_the_course_gpt(impl):
         )
         expected = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         assert ex.lora_parameter_count(config, r, targets) == expected, (r, targets)
+
+
+# -- a reward model and DPO --------------------------------------------------------------------
+
+
+@pytest.mark.points(3)
+def test_reward_model_loss(impl):
+    """Bradley-Terry by hand in float64 (math.log1p), then margins of hundreds in float32.
+    Catches the swapped sign (rejected - chosen), a softmax over the batch's rewards (each pair
+    must be compared with itself only), a sum instead of the mean, and -log(sigmoid(z)), which
+    is infinite at a margin of -200 in float32."""
+    ex = impl("ch10_finetuning")
+    chosen, rejected = [2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 0.5, -4.0]
+    pairs = list(zip(chosen, rejected, strict=True))
+    expected = sum(math.log1p(math.exp(r - c)) for c, r in pairs) / 4
+    swapped = sum(math.log1p(math.exp(c - r)) for c, r in pairs) / 4
+    loss = ex.reward_model_loss(
+        torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    )
+    assert loss.dim() == 0, f"a 0-d loss expected, got shape {tuple(loss.shape)}"
+    assert loss.item() == pytest.approx(expected, abs=1e-9), (
+        f"loss {loss.item():.6f} instead of mean(-log sigmoid(chosen - rejected)) = {expected:.6f}"
+        f" (the swapped sign gives {swapped:.6f})"
+    )
+    loss, (grad,) = ex.run_helper(
+        in_worker.call_and_backward,
+        "reward_model_loss",
+        torch.tensor([0.0, 5.0], requires_grad=True),
+        torch.tensor([200.0, 5.0]),
+    )
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(
+        (200 + math.log(2)) / 2, rel=1e-6
+    ), f"loss {loss.item()} for margins -200 and 0 instead of (200 + log 2) / 2"
+    assert grad is not None, "no gradient reached the chosen rewards"
+    torch.testing.assert_close(grad, torch.tensor([-0.5, -0.25]), rtol=1e-6, atol=1e-9)
+
+
+def logprob_problem():
+    """Random logits over 5 tokens for 3 right-padded rows: (logits, ids, prompt_lengths,
+    lengths), and the padding's ids and logits set to values that would show if counted."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 5, (3, 6), generator=g)
+    prompt_lengths, lengths = torch.tensor([2, 1, 3]), torch.tensor([5, 6, 4])
+    for b, n in enumerate(lengths.tolist()):
+        ids[b, n:] = 4
+        logits[b, n - 1 :, 4] = 30.0  # padding predicted with certainty, if read
+    return logits, ids, prompt_lengths, lengths
+
+
+@pytest.mark.points(3)
+def test_response_logprobs(impl):
+    """Three right-padded rows with different prompt and response lengths, against a loop over
+    each response token in float64 (the logits of position t - 1 predict token t). Catches the
+    missing shift (position t's logits scoring token t), a mean over the response instead of
+    the sum, counting the prompt's tokens, and counting the padding."""
+    ex = impl("ch10_finetuning")
+    logits, ids, prompt_lengths, lengths = logprob_problem()
+    expected = []
+    for b in range(3):
+        total = 0.0
+        for t in range(prompt_lengths[b].item(), lengths[b].item()):
+            row = logits[b, t - 1]
+            total += (row[ids[b, t]] - torch.logsumexp(row, 0)).item()
+        expected.append(total)
+    got = ex.response_logprobs(logits, ids, prompt_lengths, lengths)
+    assert isinstance(got, torch.Tensor) and got.shape == (3,), (
+        f"one log-probability per row expected, shape (3,); got {getattr(got, 'shape', got)}"
+    )
+    for b in range(3):
+        assert got[b].item() == pytest.approx(expected[b], abs=1e-9), (
+            f"row {b} (prompt {prompt_lengths[b].item()} tokens, length {lengths[b].item()}): "
+            f"{got[b].item():.6f} instead of the sum of its response tokens' log-probabilities, "
+            f"{expected[b]:.6f}"
+        )
+    # A one-token prompt: its response starts at position 1, predicted by position 0.
+    one = ex.response_logprobs(logits[:1], ids[:1], torch.tensor([1]), torch.tensor([2]))
+    by_hand = (logits[0, 0, ids[0, 1]] - torch.logsumexp(logits[0, 0], 0)).item()
+    assert one.item() == pytest.approx(by_hand, abs=1e-9), (
+        f"{one.item():.6f} for a 1-token prompt and 1-token response instead of {by_hand:.6f}"
+    )
+
+
+@pytest.mark.points(1)
+def test_response_logprobs_gradient(impl):
+    """The gradient reaches the logits of the positions that predict the response only (DPO
+    trains through this sum): catches a result detached from the logits (`.item()`, numpy) and
+    gradient leaking to the prompt's or the padding's positions."""
+    ex = impl("ch10_finetuning")
+    logits, ids, prompt_lengths, lengths = logprob_problem()
+    logits.requires_grad_(True)
+
+    _, (grad,) = ex.run_helper(
+        in_worker.sum_and_backward, "response_logprobs", logits, ids, prompt_lengths, lengths
+    )
+    assert grad is not None, "no gradient reached the logits"
+    reference = logits.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(reference, -1)
+    total = sum(
+        logp[b, t - 1, ids[b, t]]
+        for b in range(3)
+        for t in range(prompt_lengths[b].item(), lengths[b].item())
+    )
+    total.backward()
+    gap = (grad - reference.grad).abs().max().item()
+    assert gap < 1e-9, (
+        f"the gradient with respect to the logits differs from that of the response tokens' "
+        f"summed log-probabilities by {gap:.3g}; positions that received gradient but should "
+        f"not: {(grad.abs().sum(-1) > 0) & (reference.grad.abs().sum(-1) == 0)}"
+    )
 
 
 # -- DPO -------------------------------------------------------------------------------------
