@@ -4,6 +4,11 @@ import os
 
 IMPLEMENTATIONS = ("exercises", "solutions")
 
+# Under pytest-xdist (`./course test` runs a worker per core) each worker and every process it
+# starts gets one thread: two workers each running torch on every core would oversubscribe them.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -26,8 +31,11 @@ def _point_data_cache_at_a_local_copy():
     local = repo.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
     target = cache / "tinyshakespeare" / "input.txt"
     if local.is_file() and not target.is_file():
+        # Copied under a private name and renamed: the other xdist workers never read half a file.
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, target)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        shutil.copyfile(local, partial)
+        os.replace(partial, target)
 
 
 _point_data_cache_at_a_local_copy()
