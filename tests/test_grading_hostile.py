@@ -2,6 +2,7 @@
 exactly 0, the grade finishes within its limits, and nothing the submission started outlives
 it: not the results, not the tests, not the grader's log, not its processes."""
 
+import ast
 import json
 import os
 import shutil
@@ -15,7 +16,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = REPO / "tests" / "hostile"
-N_TESTS = 11  # graded tests in chapter 01
+
+
+def _graded_tests(test_file: Path) -> dict[str, int]:
+    """The graded tests of a test file and their points, read from its `points` decorators."""
+    graded = {}
+    for node in ast.parse(test_file.read_text()).body:
+        for decorator in getattr(node, "decorator_list", []):
+            call = isinstance(decorator, ast.Call)
+            if call and ast.unparse(decorator.func) == "pytest.mark.points":
+                graded[node.name] = decorator.args[0].value
+    return graded
+
+
+GRADED = _graded_tests(REPO / "tests" / "exercises" / "test_ch01_preprocessing.py")
+N_TESTS = len(GRADED)
+POINTS = sum(GRADED.values())
 # The time limit per graded test: short for the submissions that hang (each costs it on every
 # test), ample for the others, whose checks read the messages of tests that ran to the end.
 HANGING = {"swallow_timeout": 3, "fork_bomb": 3}
@@ -107,12 +123,12 @@ def test_a_hostile_submission_scores_zero_and_leaves_nothing_behind(name, tmp_pa
 
     report = json.loads(results.read_text())
     by_name = {t["name"]: t for t in report["tests"]}
-    print(f"hostile submission {name}: score {report['score']} of 22")
+    print(f"hostile submission {name}: score {report['score']} of {POINTS}")
     assert report["score"] == 0, [t["name"] for t in report["tests"] if t["score"]]
-    assert len(report["tests"]) == N_TESTS and all(n.startswith("test_") for n in by_name)
+    assert set(by_name) == set(GRADED)
     assert {t["status"] for t in report["tests"]} == {"failed"}
-    assert sum(t["max_score"] for t in report["tests"]) == 22
-    assert "0 of 22 points" in run.stdout
+    assert sum(t["max_score"] for t in report["tests"]) == POINTS
+    assert f"0 of {POINTS} points" in run.stdout
     assert results.stat().st_size < 200_000, "the results carry the submission's output uncapped"
 
     # Nothing it started is still running, and what it tried to write stayed unwritten.
