@@ -178,6 +178,29 @@ def _compress(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from minillm import checkpoint, data
+    from minillm.evaluate import continuation_task, multiple_choice_accuracy, perplexity
+    from minillm.sample import load_for_sampling
+    from minillm.train import pick_device
+
+    folder = checkpoint.resolve(args.checkpoint)
+    model, tokenizer = load_for_sampling(folder, pick_device(args.device))
+    settings = checkpoint.load_config(folder).get("data") or {}
+    corpus = settings.get("corpus", "tinyshakespeare")
+    ids = data.load_tokens(corpus, tokenizer)
+    _, val_ids = data.train_val_split(ids, settings.get("val_fraction", 0.1))
+    items = continuation_task(tokenizer.decode(val_ids), args.items, seed=args.seed)
+    result = multiple_choice_accuracy(model, tokenizer, items)
+    print(
+        f"{folder}: {result.n_items} continuations of {corpus}'s validation split, "
+        f"{result.n_options} options (chance {result.chance:.0%}): accuracy "
+        f"{result.accuracy['per_char']:.1%} per character, {result.accuracy['sum']:.1%} summed"
+    )
+    print(f"perplexity {perplexity(model, val_ids):.3f} per token over {len(val_ids):,} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minillm",
@@ -271,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-tensor", action="store_true", help="one scale per matrix (default: one per row)"
     )
     p.set_defaults(run=_compress)
+
+    p = sub.add_parser(
+        "eval", help="multiple-choice accuracy and perplexity of a checkpoint on held-out text"
+    )
+    p.add_argument("checkpoint", type=Path, help="a run folder or a checkpoint folder")
+    p.add_argument("--items", type=int, default=200, help="how many multiple-choice items")
+    p.add_argument("--seed", type=int, default=0, help="which items (the same seed, the same)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_eval)
 
     from minillm.grading import DEFAULT_MEMORY_MB
 

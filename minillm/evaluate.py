@@ -174,9 +174,9 @@ def perplexity(model: nn.Module, ids: Sequence[int] | np.ndarray, batch_size: in
 
     The stream is cut into consecutive windows of block_size + 1 tokens that share one token
     (each window's last is the next one's first), so that every token after the first is
-    predicted exactly once, from at least 0 and at most block_size - 1 tokens before it in its
-    window. (A sliding window would give every token a full context at block_size times the
-    cost.) The leftover tokens at the end form one shorter window.
+    predicted exactly once, from the 1 to block_size tokens before it in its window. (A sliding
+    window would give every token a full context, at block_size times the cost.) The leftover
+    tokens at the end form one shorter window.
     """
     require_positive(batch_size, "batch_size", integer=True)
     ids = np.asarray(ids, dtype=np.int64)
@@ -189,7 +189,7 @@ def perplexity(model: nn.Module, ids: Sequence[int] | np.ndarray, batch_size: in
     if hasattr(model, "eval"):
         model.eval()
     total, count = 0.0, 0
-    for shape in {len(w) for w in windows}:  # the full windows, then the short last one
+    for shape in sorted({len(w) for w in windows}, reverse=True):  # full ones, the short one
         same = [w for w in windows if len(w) == shape]
         for k in range(0, len(same), batch_size):
             batch = torch.from_numpy(np.stack(same[k : k + batch_size])).to(device)

@@ -199,3 +199,30 @@ def test_scoring_bad_input_gives_clear_errors():
         continuation_task("a b c d e f", 3, context_chars=2)
     with pytest.raises(InputError, match="normalisation must be one of"):
         score_options(model, TOK, "ab", ["a", "b"])[0].score("per_byte")
+
+
+def test_minillm_eval_reports_a_checkpoints_accuracy_and_perplexity(tmp_path, capsys):
+    """`minillm eval RUN` prints what the library computes on the run's validation split."""
+    from minillm import data
+    from minillm.cli import main
+    from minillm.sample import load_for_sampling
+    from minillm.train import Trainer
+    from minillm.train_config import load_config
+    from minillm.utils import repo_root
+
+    overrides = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"]  # block_size 64
+    overrides += ["batch_size=4", "max_iters=10", "eval_interval=10", "eval_iters=1"]
+    overrides += ["checkpoint_interval=10", "sample_tokens=0", f"out_dir={tmp_path / 'run'}"]
+    config = load_config(repo_root() / "configs/train/shakespeare_char.yaml", overrides)
+    Trainer(config, progress=False).fit()
+    assert main(["eval", str(tmp_path / "run"), "--items", "12", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+
+    model, tok = load_for_sampling(tmp_path / "run")
+    _, val_ids = data.train_val_split(data.load_tokens("tinyshakespeare", tok))
+    items = continuation_task(tok.decode(val_ids), 12, seed=3)
+    accuracy = multiple_choice_accuracy(model, tok, items).accuracy
+    assert f"accuracy {accuracy['per_char']:.1%} per character" in printed
+    assert f"perplexity {perplexity(model, val_ids):.3f} per token" in printed
+    assert main(["eval", str(tmp_path / "run"), "--items", "0"]) == 2
+    assert "n_items must be > 0" in capsys.readouterr().err
