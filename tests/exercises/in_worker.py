@@ -120,6 +120,55 @@ def accumulate_and_step_on_ranks(ex, world_size, k, steps):
     )
 
 
+OVERLAP_CAP_BYTES = 160  # small_net's four float64 tensors (120, 40, 120, 24 bytes): 2 buckets
+
+
+def _overlap_rank(rank, world_size, package, steps):
+    from minillm.parallel import ddp
+
+    phase, calls, refused = ["backward"], [], [0]
+    real = dist.all_reduce, ddp.DataParallel, nn.parallel.DistributedDataParallel
+
+    def recorded(*args, **kwargs):
+        calls.append((phase[0], bool(kwargs.get("async_op", False))))
+        return real[0](*args, **kwargs)
+
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            refused[0] += 1
+            raise AssertionError("build the buckets and hooks yourself, not a DDP class")
+
+    # Before the student's module is imported, so that no name it imports escapes.
+    dist.all_reduce = recorded
+    ddp.DataParallel = nn.parallel.DistributedDataParallel = Refused
+    try:
+        ex = importlib.import_module(f"{package}.ch07_data_parallel")
+        model = small_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        wait = ex.overlap_gradient_buckets(model, OVERLAP_CAP_BYTES)
+        grads = []
+        for x, y in batches(rank, steps):
+            phase[0] = "backward"
+            nn.functional.mse_loss(model(x), y).backward()
+            phase[0] = "wait"
+            wait()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        dist.all_reduce, ddp.DataParallel, nn.parallel.DistributedDataParallel = real
+    return grads, calls, refused[0]
+
+
+def overlap_gradient_buckets_on_ranks(ex, world_size, steps):
+    """Per rank: the gradients after each of `steps` backward + wait() (an SGD step between, on
+    `batches(rank, steps)`), every dist.all_reduce call as ("backward" or "wait", async_op), and
+    how often a DDP class of minillm's or torch's was built (off limits)."""
+    return launch(
+        _overlap_rank, world_size, ex.__name__.split(".")[0], steps, backend="gloo", echo=False
+    )
+
+
 # -- chapter 09 --------------------------------------------------------------------------------
 
 

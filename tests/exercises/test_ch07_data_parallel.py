@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from minillm.parallel.ddp import make_buckets
 from tests.exercises import in_worker
 
 # What each exercise must not call: the library function it asks you to write (a call fails
@@ -19,6 +20,7 @@ OFF_LIMITS = {
     "ring_schedule": ("minillm.parallel.collectives.ring_schedule",),
     "shard_batch": ("minillm.parallel.ddp.shard_batch",),
     "make_buckets": ("minillm.parallel.ddp.make_buckets",),
+    # overlap_gradient_buckets runs in launched processes, where in_worker refuses the DDP classes.
 }
 
 F64 = {"atol": 1e-12, "rtol": 0.0}
@@ -148,3 +150,46 @@ def test_accumulate_and_step(impl):
         )
         assert gap < F64["atol"], f"weights differ from one process by {gap:.3g}"
         assert 1 <= calls <= steps * n_params, f"{calls} all-reduces in 2 steps of 3 micro-batches"
+
+
+@pytest.mark.points(3)
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)  # 2 processes start and import torch: slow on a busy machine
+def test_overlap_gradient_buckets(impl):
+    """Two processes, two steps: after backward and wait() every gradient must be the average of
+    the two ranks' (one process on both ranks' data, atol 1e-12), with one asynchronous
+    all-reduce per bucket, all started during backward. Catches all-reducing after backward
+    instead of from the hooks (no overlap), one all-reduce per parameter instead of per bucket,
+    waiting inside the hook (async_op missing), forgetting to divide by the world size, and
+    state not reset between steps (the second step's buckets never start)."""
+    ex = impl("ch07_data_parallel")
+    world, steps = 2, 2
+    single = in_worker.small_net()
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.1)
+    expected = []
+    for pairs in zip(*(in_worker.batches(r, steps) for r in range(world)), strict=True):
+        sum(nn.functional.mse_loss(single(x), y) for x, y in pairs).div(world).backward()
+        expected.append([p.grad.clone() for p in single.parameters()])
+        optimizer.step()
+        optimizer.zero_grad()
+    n_buckets = len(make_buckets(list(single.parameters()), in_worker.OVERLAP_CAP_BYTES))
+    ranks = ex.run_helper(in_worker.overlap_gradient_buckets_on_ranks, world, steps)
+    assert len(ranks) == world
+    for rank, (grads, calls, refused) in enumerate(ranks):
+        assert refused == 0, "build the buckets and hooks yourself, not with a DDP class"
+        assert len(grads) == steps
+        for step, (got, want) in enumerate(zip(grads, expected, strict=True)):
+            gap = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+            ratio = (got[0].flatten() @ want[0].flatten() / want[0].flatten().norm() ** 2).item()
+            assert gap < F64["atol"], (
+                f"rank {rank}, step {step + 1}: gradients off the two ranks' average by {gap:.3g} "
+                f"({ratio:.2f} times it): all-reduce sums, so divide by the world size once, and "
+                "copy the averages back into .grad in wait()"
+            )
+        expected_calls = [("backward", True)] * n_buckets * steps
+        assert calls == expected_calls, (
+            f"rank {rank}: all-reduces (phase, async_op) {calls} instead of {expected_calls}: one "
+            f"asynchronous all-reduce per bucket ({n_buckets} buckets of at most "
+            f"{in_worker.OVERLAP_CAP_BYTES} bytes), started by the hooks during backward, none "
+            "by wait()"
+        )

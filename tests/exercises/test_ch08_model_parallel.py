@@ -208,6 +208,7 @@ PARTIAL_X = (
 
 @pytest.mark.points(3)
 @pytest.mark.multiprocess
+@pytest.mark.timeout(120)  # 2 processes start and import torch: slow on a busy machine
 def test_column_parallel_layer_all_reduces_the_input_gradient(impl):
     """Two processes, each holding half of a layer's output rows: each rank's output must be its
     slice of the unsplit layer's, and each rank's x.grad the unsplit layer's whole x.grad.
@@ -232,6 +233,7 @@ def test_column_parallel_layer_all_reduces_the_input_gradient(impl):
 
 @pytest.mark.points(3)
 @pytest.mark.multiprocess
+@pytest.mark.timeout(120)  # 2 processes start and import torch: slow on a busy machine
 def test_row_parallel_layer_all_reduces_the_output(impl):
     """Two processes, each holding half of a layer's input columns and reading half of the input
     features: each rank's output must be the whole unsplit output, and its gradients its slice of
@@ -257,6 +259,7 @@ def test_row_parallel_layer_all_reduces_the_output(impl):
 
 @pytest.mark.points(2)
 @pytest.mark.multiprocess
+@pytest.mark.timeout(120)  # 2 processes start and import torch: slow on a busy machine
 def test_megatron_mlp_matches_the_unsplit_mlp(impl):
     """Two processes run column-parallel up, GELU on each rank's hidden slice, row-parallel down:
     the output must be the unsplit MLP's on both ranks, x.grad the whole unsplit x.grad and every
