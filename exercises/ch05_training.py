@@ -275,3 +275,78 @@ def top_k_probs(logits: Tensor, k: int | None = None, temperature: float = 1.0) 
         tensor([0.7311, 0.2689, 0.0000, 0.0000])
     """
     raise NotImplementedError
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """The mean loss of `model` over `batches`, measured as an evaluation must be.
+
+    - In evaluation mode (`model.eval()`): dropout off, so the same batches give the same number
+      every time.
+    - Without building a graph (`torch.no_grad()`): nothing is backpropagated, so keeping every
+      activation for a backward pass would only waste memory.
+    - Afterwards the model is back in the mode it was in before the call: a training loop that
+      evaluates every few hundred steps must go on training with dropout on (and a model that was
+      in eval mode stays there).
+
+    Args:
+        model: called as `model(x, y)`, returning `(logits, loss)` as the course GPT does, with
+            `loss` a 0-d mean over the batch.
+        batches: pairs `(x, y)` of one size.
+
+    Returns:
+        The mean of the batches' losses, as a float.
+
+    Off limits: `minillm.train.Trainer.evaluate` (this exercise asks you to write it; a call fails
+    the test).
+    """
+    raise NotImplementedError
+
+
+def save_checkpoint(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """Write to the file `path` everything a run needs to continue exactly where it is: the
+    model's weights, the optimizer's state (AdamW's m and v and its step counts; the learning rate
+    of every group) and the number of optimizer steps taken.
+
+    Resuming from the weights alone is not resuming: AdamW's moments start again at zero and its
+    bias correction at step 1, and the next updates differ.
+
+    Off limits: `minillm.checkpoint.save`, `minillm.train.Trainer.save_checkpoint` (this exercise
+    asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore what `save_checkpoint` wrote into `model` and `optimizer` (built afresh, as a new
+    process builds them) and return the step to continue from.
+
+    After `load_checkpoint`, training on the same batches gives the same weights, bit for bit on
+    a CPU, as a run that was never interrupted.
+
+    Off limits: `minillm.checkpoint.load_weights`, `minillm.checkpoint.load_state` (this exercise
+    asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError
+
+
+def gpt_flops_per_token(config) -> int:
+    """FLOPs of one training token (forward and backward) of `GPT(config)`, counting matrix
+    multiplies only, 2 FLOPs per multiply-add.
+
+    - Forward: every weight of a matrix multiply is one multiply-add per token: q_proj, k_proj,
+      v_proj, o_proj (C x C each), up_proj and down_proj (C x 4C each) in every block, and lm_head
+      (C x V; it multiplies every position even when it shares the token table's matrix). Then
+      attention's two matmuls without weights: q k^T and probabilities @ v, each 2 T C FLOPs per
+      token per layer for a context of T = config.block_size (the full T x T scores are computed).
+    - Backward: twice the forward (the input's and the weight's gradient are one matmul each).
+
+    Embedding lookups, biases, LayerNorms, GELU and softmax are not counted.
+
+    Example: GPTConfig() (C = 128, 4 layers, V = 65, T = 64) gives 5,161,728.
+
+    Off limits: `minillm.compute.flops_per_token`, `minillm.compute.matmul_weights` (this exercise
+    asks you to write it; a call fails the test).
+    """
+    raise NotImplementedError

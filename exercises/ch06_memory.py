@@ -161,3 +161,38 @@ class DynamicLossScaler:
         scales 8, 16, 8, 8 and returns True, True, False, True.
         """
         raise NotImplementedError
+
+
+def checkpointed_forward(blocks: Iterable[torch.nn.Module], x: Tensor) -> Tensor:
+    """Run `x` `(B, T, C)` through `blocks` in order (`x = block(x)`), with activation
+    checkpointing: while gradients are enabled, keep only each block's input and recompute the
+    block's activations in the backward pass (`torch.utils.checkpoint.checkpoint`, non-reentrant);
+    with gradients disabled, run the blocks as they are.
+
+    The gradients must equal those of the plain forward, dropout included: the recomputation must
+    draw the same dropout masks as the forward (torch's checkpoint keeps the random state for
+    that). The saved activations shrink to at most one block input per block.
+
+    Off limits: `minillm.model.GPT.set_activation_checkpointing`,
+    `minillm.memory.forward_with_checkpointing` (this exercise asks you to write it; a call fails
+    the test).
+    """
+    raise NotImplementedError
+
+
+def compute_optimal_params(
+    flops: float, E: float, A: float, B: float, alpha: float, beta: float
+) -> tuple[float, float]:
+    """The model size N and token count D that minimise L(N, D) = E + A/N^alpha + B/D^beta on a
+    compute budget of `flops` = 6 N D FLOPs.
+
+    Substitute D = flops / (6N) and set dL/dN = 0: the closed form follows. Returns `(N, D)` as
+    floats, with 6 N D = flops.
+
+    Example: with Hoffmann et al.'s fit (E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28) and
+    flops=5.76e23 (Chinchilla's budget), N is about 3.2e10 and D/N about 93.
+
+    Off limits: `minillm.compute.ScalingLaw.compute_optimal` (this exercise asks you to write it;
+    a call fails the test).
+    """
+    raise NotImplementedError

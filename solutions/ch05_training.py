@@ -292,3 +292,80 @@ def top_k_probs(logits: Tensor, k: int | None = None, temperature: float = 1.0) 
         kth_largest = scaled.topk(k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
     return torch.softmax(scaled, dim=-1)
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """The mean loss of `model` over `batches`, measured as an evaluation must be.
+
+    - In evaluation mode (`model.eval()`): dropout off, so the same batches give the same number
+      every time.
+    - Without building a graph (`torch.no_grad()`): nothing is backpropagated, so keeping every
+      activation for a backward pass would only waste memory.
+    - Afterwards the model is back in the mode it was in before the call: a training loop that
+      evaluates every few hundred steps must go on training with dropout on (and a model that was
+      in eval mode stays there).
+
+    Args:
+        model: called as `model(x, y)`, returning `(logits, loss)` as the course GPT does, with
+            `loss` a 0-d mean over the batch.
+        batches: pairs `(x, y)` of one size.
+
+    Returns:
+        The mean of the batches' losses, as a float.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = [model(x, y)[1].item() for x, y in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """Write to the file `path` everything a run needs to continue exactly where it is: the
+    model's weights, the optimizer's state (AdamW's m and v and its step counts; the learning rate
+    of every group) and the number of optimizer steps taken.
+
+    Resuming from the weights alone is not resuming: AdamW's moments start again at zero and its
+    bias correction at step 1, and the next updates differ.
+    """
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    torch.save(state, path)
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore what `save_checkpoint` wrote into `model` and `optimizer` (built afresh, as a new
+    process builds them) and return the step to continue from.
+
+    After `load_checkpoint`, training on the same batches gives the same weights, bit for bit on
+    a CPU, as a run that was never interrupted.
+    """
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def gpt_flops_per_token(config) -> int:
+    """FLOPs of one training token (forward and backward) of `GPT(config)`, counting matrix
+    multiplies only, 2 FLOPs per multiply-add.
+
+    - Forward: every weight of a matrix multiply is one multiply-add per token: q_proj, k_proj,
+      v_proj, o_proj (C x C each), up_proj and down_proj (C x 4C each) in every block, and lm_head
+      (C x V; it multiplies every position even when it shares the token table's matrix). Then
+      attention's two matmuls without weights: q k^T and probabilities @ v, each 2 T C FLOPs per
+      token per layer for a context of T = config.block_size (the full T x T scores are computed).
+    - Backward: twice the forward (the input's and the weight's gradient are one matmul each).
+
+    Embedding lookups, biases, LayerNorms, GELU and softmax are not counted.
+
+    Example: GPTConfig() (C = 128, 4 layers, V = 65, T = 64) gives 5,161,728.
+    """
+    c, t = config.n_embd, config.block_size
+    weights = config.n_layer * (4 * c * c + 2 * 4 * c * c) + c * config.vocab_size
+    attention = config.n_layer * 2 * (2 * t * c)  # q k^T and p v
+    return 3 * (2 * weights + attention)

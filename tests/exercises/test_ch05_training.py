@@ -1,7 +1,8 @@
 """Graded tests for chapter 05 (loss and training): `minillm grade ch05`.
 
 References are torch's own `F.cross_entropy`, `torch.optim.AdamW`, `torch.optim.lr_scheduler`,
-`torch.nn.utils.clip_grad_norm_`, autograd on one big batch, and hand values. Everything runs in
+`torch.nn.utils.clip_grad_norm_`, autograd on one big batch, an evaluation and an uninterrupted run
+computed here, `torch.utils.flop_counter.FlopCounterMode`, and hand values. Everything runs in
 float64: comparisons with torch use atol 1e-12 (only rounding differs), hand values atol 1e-9.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from minillm.model import GPT, GPTConfig
+from tests.exercises import in_worker_ch05_ch06
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
@@ -46,6 +48,10 @@ OFF_LIMITS = {
         "torch.optim.adamw.adamw",
     ),
     "decay_param_names": ("minillm.model.GPT.param_groups",),
+    "evaluate": ("minillm.train.Trainer.evaluate",),
+    "save_checkpoint": ("minillm.checkpoint.save", "minillm.train.Trainer.save_checkpoint"),
+    "load_checkpoint": ("minillm.checkpoint.load_weights", "minillm.checkpoint.load_state"),
+    "gpt_flops_per_token": ("minillm.compute.flops_per_token", "minillm.compute.matmul_weights"),
 }
 
 F64 = {"atol": 1e-12, "rtol": 0.0}
@@ -375,3 +381,108 @@ def test_top_k_probs(impl):
     torch.testing.assert_close(
         ex.top_k_probs(logits, temperature=0.7), (logits / 0.7).softmax(dim=-1), **F64
     )
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def dropout_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.5))
+
+
+def eval_batches():
+    return [(randint(11, 3, 8, seed=s), randint(11, 3, 8, seed=s + 50)) for s in range(4)]
+
+
+@pytest.mark.points(2)
+def test_evaluate_uses_eval_mode_and_no_grad(impl):
+    """Catches an evaluation with dropout left on (forgetting model.eval(): the loss is noisy and
+    too high) and one that builds a graph (forgetting torch.no_grad(): every activation kept for
+    a backward that never comes). The reference is the mean loss in eval mode, computed here."""
+    ex = impl("ch05_training")
+    model, batches = dropout_gpt(), eval_batches()
+    loss, calls, _ = ex.run_helper(in_worker_ch05_ch06.evaluate_in_worker, model, batches, True)
+    model.eval()
+    with torch.no_grad():
+        expected = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+    assert len(calls) == len(batches), f"expected {len(batches)} forward calls, got {len(calls)}"
+    assert not any(training for _, training in calls), (
+        "the model (or a submodule) was in train mode during the evaluation: dropout was on; "
+        "call model.eval() first"
+    )
+    assert not any(grad for grad, _ in calls), (
+        "gradients were enabled during the evaluation: wrap it in torch.no_grad()"
+    )
+    assert loss == pytest.approx(expected, rel=1e-6), f"expected mean loss {expected}, got {loss}"
+
+
+@pytest.mark.points(1)
+def test_evaluate_restores_the_mode_it_found(impl):
+    """Catches leaving the model in eval mode after evaluating a training model (the rest of the
+    run then trains without dropout), and forcing train mode on a model that was in eval mode."""
+    ex = impl("ch05_training")
+    for training in (True, False):
+        _, _, after = ex.run_helper(
+            in_worker_ch05_ch06.evaluate_in_worker, dropout_gpt(), eval_batches(), training
+        )
+        assert after is training, (
+            f"the model was {'training' if training else 'in eval mode'} before the call and "
+            f"{'training' if after else 'in eval mode'} after it; restore the mode you found"
+        )
+
+
+# -- checkpoint and resume -------------------------------------------------------------------
+
+
+@pytest.mark.points(3)
+@pytest.mark.timeout(180)  # three short runs; a busy machine needs more than the default 60 s
+def test_resumed_run_equals_an_uninterrupted_one(impl):
+    """Catches a checkpoint of the weights alone (AdamW's moments and step counts start again:
+    the resumed run drifts away), a step that is not saved or not returned, and a load that
+    leaves the fresh model's own weights. The reference is the same 10 steps without a stop, run
+    here; on a CPU the two must agree bit for bit."""
+    ex = impl("ch05_training")
+    model, optimizer, batches = in_worker_ch05_ch06.resume_problem()
+    in_worker_ch05_ch06.train_on(model, optimizer, batches)
+    for stop in (3, 7):
+        step, weights = ex.run_helper(in_worker_ch05_ch06.resume_in_worker, stop)
+        assert step == stop, f"load_checkpoint returned step {step!r}, expected {stop}"
+        for name, value in model.state_dict().items():
+            assert torch.equal(weights[name], value), (
+                f"stopped after {stop} steps and resumed: {name} differs from the uninterrupted "
+                f"run by up to {(weights[name] - value).abs().max():.2e}; save and load the "
+                "optimizer's state_dict too"
+            )
+
+
+# -- the compute budget ----------------------------------------------------------------------
+
+
+def counted_training_flops(config, batch=2):
+    """FlopCounterMode's count of one forward + backward of GPT(config) with written-out attention
+    (torch's fused CPU attention has no FLOP formula), per token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**config.to_dict(), "attention": "manual"}))
+    idx = randint(config.vocab_size, batch, config.block_size)
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    return counter.get_total_flops() // (batch * config.block_size)
+
+
+@pytest.mark.points(2)
+def test_gpt_flops_per_token_matches_a_flop_counter(impl):
+    """Catches 6N from the parameter count (it misses attention's q k^T and p v, and the tied
+    lm_head's matmul), the forward alone (2 W instead of 6 W), and attention counted once per
+    model instead of once per layer. The reference is torch's FlopCounterMode on a real step."""
+    ex = impl("ch05_training")
+    assert ex.gpt_flops_per_token(GPTConfig()) == 5_161_728, "the docstring's example"
+    for config in (
+        GPTConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=24),
+        GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=4, n_embd=64, tie_weights=False),
+    ):
+        expected = counted_training_flops(config)
+        got = ex.gpt_flops_per_token(config)
+        assert got == expected, f"{config}: expected {expected:,} FLOPs per token, got {got:,}"

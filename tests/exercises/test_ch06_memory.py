@@ -1,8 +1,9 @@
 """Graded tests for chapter 06 (memory and mixed precision): `minillm grade ch06`.
 
 References: the course GPT built for real (`num_parameters`, tensor sizes after an AdamW step,
-the tensors autograd saves as measured with `saved_tensors_hooks`), `torch.amp.GradScaler`, fp16's
-rounding threshold (values of at most 2^-25 round to 0), and hand values. Byte counts must be
+the tensors autograd saves as measured with `saved_tensors_hooks`, the plain forward's gradients),
+`torch.amp.GradScaler`, fp16's rounding threshold (values of at most 2^-25 round to 0), a
+brute-force search of the scaling law, and hand values. Byte counts must be
 exact; gigabytes match to 1e-9 relative.
 """
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from minillm.model import GPT, Block, GPTConfig
+from tests.exercises import in_worker_ch05_ch06
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
@@ -30,6 +32,11 @@ OFF_LIMITS = {
         "minillm.model.Block.__init__",
     ),
     "fp16_underflow_fraction": ("minillm.memory.fp16_cast_report",),
+    "checkpointed_forward": (
+        "minillm.model.GPT.set_activation_checkpointing",
+        "minillm.memory.forward_with_checkpointing",
+    ),
+    "compute_optimal_params": ("minillm.compute.ScalingLaw.compute_optimal",),
     "DynamicLossScaler": (
         "minillm.memory.DynamicLossScaler.__init__",
         "torch.amp.GradScaler.__init__",
@@ -220,3 +227,72 @@ def test_loss_scaler_grows_after_good_steps(impl):
         assert scaler.update(False) is True
         scales.append(scaler.scale)
     assert scales == [1.0, 4.0, 4.0, 16.0, 16.0]
+
+
+# -- activation checkpointing ----------------------------------------------------------------
+
+
+@pytest.mark.points(3)
+@pytest.mark.timeout(120)  # three blocks forward and backward twice; generous on a busy machine
+def test_checkpointed_forward_equals_plain_and_saves_less(impl):
+    """Catches a forward that is not checkpointed (it saves every activation of every block), one
+    run under torch.no_grad() (no gradients reach the weights), and a hand-made recomputation
+    that draws new dropout masks (the gradients differ from the plain forward's). The reference
+    is the plain forward of the same blocks, with the same random state, computed here."""
+    ex = impl("ch06_memory")
+    out, x_grad, grads, saved = ex.run_helper(in_worker_ch05_ch06.checkpointed_in_worker)
+    blocks, x = in_worker_ch05_ch06.checkpoint_blocks()
+    params = {p.untyped_storage().data_ptr() for p in blocks.parameters()}
+
+    def plain():
+        h = x
+        for block in blocks:
+            h = block(h)
+        return h
+
+    torch.manual_seed(1)
+    storages, expected = in_worker_ch05_ch06.saved_bytes(plain)
+    expected.pow(2).sum().backward()
+    plain_saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-12)
+    assert x_grad is not None and all(g is not None for g in grads), (
+        "no gradient reached the input or a weight: the forward must run with gradients enabled"
+    )
+    torch.testing.assert_close(x_grad, x.grad, rtol=0, atol=1e-10, msg="input gradient differs")
+    for (name, p), g in zip(blocks.named_parameters(), grads, strict=True):
+        torch.testing.assert_close(
+            g,
+            p.grad,
+            rtol=0,
+            atol=1e-10,
+            msg=f"gradient of {name} differs from the plain forward's: were the dropout masks "
+            "recomputed with the same random state?",
+        )
+    limit = len(blocks) * x.untyped_storage().nbytes()
+    assert saved <= limit, (
+        f"{saved:,} bytes saved for backward (the plain forward saves {plain_saved:,}); a "
+        f"checkpointed forward keeps at most one block input per block, {limit:,} bytes"
+    )
+
+
+# -- the compute-optimal model size ----------------------------------------------------------
+
+
+@pytest.mark.points(2)
+def test_compute_optimal_params_minimise_the_loss_on_the_budget(impl):
+    """Catches the exponents swapped (N growing as C^(alpha/(alpha+beta)) instead of
+    C^(beta/(alpha+beta))), a budget of N D instead of 6 N D, and a D that does not spend the
+    budget. The reference is a brute-force search over N of L(N, C / 6N)."""
+    ex = impl("ch06_memory")
+    laws = [(1.69, 406.4, 410.7, 0.34, 0.28), (1.2, 30.0, 900.0, 0.5, 0.25)]
+    for law in laws:
+        E, A, B, alpha, beta = law
+        for flops in (1e15, 5.76e23):
+            n, d = ex.compute_optimal_params(flops, *law)
+            assert 6 * n * d == pytest.approx(flops, rel=1e-9), f"6 N D = {6 * n * d:.4g}"
+            grid = torch.logspace(math.log10(n) - 2, math.log10(n) + 2, 40001, dtype=torch.float64)
+            loss = E + A / grid**alpha + B / (flops / (6 * grid)) ** beta
+            best = grid[loss.argmin()].item()
+            assert n == pytest.approx(best, rel=2e-3), (
+                f"law {law}, budget {flops:.3g}: expected N near {best:.4g}, got {n:.4g}"
+            )
