@@ -153,17 +153,13 @@ class Attention(nn.Module):
         ones, the same sums (benchmarks/peers.py measures it). Any other projection (a LoRA
         adapter, a tensor-parallel shard, a quantised layer, one with hooks) runs its own."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        biases = [p.bias for p in projections]
-        if (
-            context is x
-            and all(
-                type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks)
-                for p in projections
-            )
-            and len({b is None for b in biases}) == 1
-        ):
+        plain = context is x and all(
+            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks)
+            for p in projections
+        )
+        if plain and len({p.bias is None for p in projections}) == 1:
             weight = torch.cat([p.weight for p in projections])
-            bias = None if biases[0] is None else torch.cat(biases)
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
             sizes = [p.out_features for p in projections]
             q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
             return self._heads(q), self._heads(k), self._heads(v)
