@@ -51,8 +51,8 @@ def max_abs_zscore(n: int, ddof: int = 0) -> float:
         >>> round(max_abs_zscore(6), 4)  # so |z| > 3 is impossible with 6 values
         2.2361
 
-    Off limits: `minillm.preprocess.max_abs_zscore` (this exercise asks you to write it; a call
-    fails the test).
+    Off limits: `scipy.stats.zscore`, `minillm.preprocess.max_abs_zscore` (this exercise asks you to
+    write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -159,8 +159,8 @@ def normalize_text(text: str) -> str:
         >>> normalize_text("  Hello,\\tWORLD…  “ﬁne”!  ")
         'hello world fine'
 
-    Off limits: `minillm.preprocess.normalize_text` (this exercise asks you to write it; a call
-    fails the test).
+    Off limits: `minillm.preprocess.normalize_text`, `remove_punctuation`, `collapse_whitespace`
+    (this exercise asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 

@@ -109,8 +109,8 @@ def encode(text: str, merges: Sequence[tuple[int, int]]) -> list[int]:
 
         'bc' was learned before 'ab', so "abc" becomes a + bc: token 258 ('abc') is not used.
 
-    Off limits: `minillm.tokenizer.BPETokenizer.encode` (this exercise asks you to write it; a call
-    fails the test).
+    Off limits: `minillm.tokenizer.BPETokenizer.encode`, `BPETokenizer._encode_piece` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 
@@ -188,8 +188,8 @@ def encode_words(
         >>> encode_words("ab ab<|endoftext|>", [(97, 98), (32, 256)], ["<|endoftext|>"])
         [256, 257, 258]
 
-    Off limits: `minillm.tokenizer.BPETokenizer.encode` (this exercise asks you to write it; a
-    call fails the test).
+    Off limits: `minillm.tokenizer.BPETokenizer.encode`, `BPETokenizer._encode_piece` (this exercise
+    asks you to write it; a call fails the test).
     """
     raise NotImplementedError
 

@@ -18,7 +18,7 @@ from scipy.ndimage import gaussian_filter1d
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
 OFF_LIMITS = {
     "zscore": ("scipy.stats.zscore", "minillm.preprocess.zscore"),
-    "max_abs_zscore": ("minillm.preprocess.max_abs_zscore",),
+    "max_abs_zscore": ("scipy.stats.zscore", "minillm.preprocess.max_abs_zscore"),
     "iqr_fences": ("numpy.percentile", "numpy.quantile", "minillm.preprocess.iqr_fences"),
     "modified_zscore": (
         "scipy.stats.median_abs_deviation",
@@ -30,7 +30,11 @@ OFF_LIMITS = {
         "pandas.DataFrame.rolling",
         "minillm.preprocess.moving_average",
     ),
-    "normalize_text": ("minillm.preprocess.normalize_text",),
+    "normalize_text": (
+        "minillm.preprocess.normalize_text",
+        "minillm.preprocess.remove_punctuation",
+        "minillm.preprocess.collapse_whitespace",
+    ),
     "linear_interpolate": ("pandas.Series.interpolate", "pandas.DataFrame.interpolate"),
     "char_ngram_jaccard": ("minillm.preprocess.jaccard", "minillm.preprocess.shingles"),
     "regression_impute": ("minillm.preprocess.regression_impute",),

@@ -26,7 +26,10 @@ OFF_LIMITS = {
         "minillm.tokenizer.BPETokenizer.train",
         "minillm.tokenizer.train_hf_bpe",
     ),
-    "encode": ("minillm.tokenizer.BPETokenizer.encode",),
+    "encode": (
+        "minillm.tokenizer.BPETokenizer.encode",
+        "minillm.tokenizer.BPETokenizer._encode_piece",
+    ),
     "decode": ("minillm.tokenizer.BPETokenizer.decode",),
     "train_bpe_words": (
         "minillm.tokenizer.learn_merges",
