@@ -19,7 +19,7 @@ The models, each built as its chapter builds it:
   compressed checkpoint), 50% magnitude pruning, the MLP at SVD rank 32, and a 2 x 48 student
   distilled from the base (400 steps).
 
-    python benchmarks/eval_table.py                  # CPU, about 20 minutes on a quiet machine
+    python benchmarks/eval_table.py          # CPU: 26 minutes on a busy shared 2-core machine
     python benchmarks/eval_table.py --checkpoint runs/shakespeare-char --items 500
 
 Results go to `--out` (benchmarks/results/eval_table.json) and are printed as a table.
