@@ -10,7 +10,9 @@ In the same run: this machine's fp32 matmul peak (median of 7) and the model FLO
 
 N counts the non-embedding parameters (as Kaplan et al. and chapter 06 do), D the training tokens
 (batch x context x steps), L the validation loss in nats per character over 40 batches. The
-figures are written to the JSON file that chapter 06 reads; a few minutes on one CPU thread.
+figures are written to the JSON file that chapter 06 reads, with the run's wall time in
+`seconds`: the 15 runs are 5.4M tokens of small models, a few minutes on an idle CPU core (the
+committed results took 32 minutes of wall time on a 2-core machine shared with other jobs).
 """
 
 from __future__ import annotations

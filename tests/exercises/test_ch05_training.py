@@ -478,7 +478,10 @@ def test_gpt_flops_per_token_matches_a_flop_counter(impl):
     lm_head's matmul), the forward alone (2 W instead of 6 W), and attention counted once per
     model instead of once per layer. The reference is torch's FlopCounterMode on a real step."""
     ex = impl("ch05_training")
-    assert ex.gpt_flops_per_token(GPTConfig()) == 5_161_728, "the docstring's example"
+    example = ex.gpt_flops_per_token(GPTConfig())
+    assert example == 5_161_728, (
+        f"GPTConfig() (the docstring's example): expected 5,161,728, got {example}"
+    )
     for config in (
         GPTConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=24),
         GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=4, n_embd=64, tie_weights=False),
