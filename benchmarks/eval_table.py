@@ -19,8 +19,8 @@ The models, each built as its chapter builds it:
   compressed checkpoint), 50% magnitude pruning, the MLP at SVD rank 32, and a 2 x 48 student
   distilled from the base (400 steps).
 
-    python benchmarks/eval_table.py          # CPU: 26 minutes on a busy shared 2-core machine
-    python benchmarks/eval_table.py --checkpoint runs/shakespeare-char --items 500
+    python benchmarks/eval_table.py          # CPU: 15-26 minutes on a busy shared 2-core machine
+    python benchmarks/eval_table.py --checkpoint runs/shakespeare-char --items 200
 
 Results go to `--out` (benchmarks/results/eval_table.json) and are printed as a table.
 """
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=250)
     parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--distill-steps", type=int, default=400)
-    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--items", type=int, default=600)
     parser.add_argument("--ppl-tokens", type=int, help="score only the first N validation tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/eval_table.json")
