@@ -6,15 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minillm.engines import ds_config
 from minillm.errors import InputError
+from minillm.llama import Llama
 from minillm.sample import generate_text, load_for_sampling
 from minillm.train import Trainer, read_metrics
 from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "deepspeed"
+GPT_JOB = REPO / "configs/train/shakespeare_char.yaml"
+LLAMA_JOB = REPO / "configs/train/shakespeare_char_llama.yaml"
 TINY = [
     "model.n_layer=1",
     "model.n_head=2",
@@ -30,8 +34,8 @@ TINY = [
 ]
 
 
-def train_config(*extra):
-    return load_config(REPO / "configs/train/shakespeare_char.yaml", [*TINY, *extra])
+def train_config(*extra, job: Path = GPT_JOB):
+    return load_config(job, [*TINY, *extra])
 
 
 def test_auto_values_are_filled_from_the_training_config():
@@ -87,13 +91,15 @@ def test_the_fp16_config_is_for_gpus_only():
     assert ds_config.prepare_config(config, train_config(), 2, "cuda")["fp16"]["enabled"] is True
 
 
-def _command(run_dir: Path, config: str, *extra: str) -> list[str]:
+def _command(run_dir: Path, config: str, *extra: str, job: Path = GPT_JOB) -> list[str]:
     overrides = [*TINY, f"out_dir={run_dir}", *extra]
     return [
         sys.executable,
         "-m",
         "minillm.cli",
         "train",
+        "--config",
+        str(job),
         "--deepspeed",
         str(CONFIGS / config),
         "--nproc",
@@ -102,9 +108,11 @@ def _command(run_dir: Path, config: str, *extra: str) -> list[str]:
     ]
 
 
-def _launch(run_dir: Path, config: str, *extra: str) -> subprocess.CompletedProcess:
+def _launch(
+    run_dir: Path, config: str, *extra: str, job: Path = GPT_JOB
+) -> subprocess.CompletedProcess:
     run = subprocess.run(
-        _command(run_dir, config, *extra),
+        _command(run_dir, config, *extra, job=job),
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
@@ -225,6 +233,26 @@ def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_check
         model, tokenizer, config.sample_prompt, config.sample_tokens, seed=config.seed
     )
     assert live_sample.startswith(exported + "\n")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_the_llama_trains_under_zero3_as_one_process_does_and_samples(tmp_path):
+    """The course's second model through the same DeepSpeed engine: ZeRO-3 partitions its
+    parameters (no biases, tied embeddings, grouped key/value heads) and the losses are the
+    single-process Trainer's; the exported checkpoint rebuilds as a Llama and samples."""
+    single = Trainer(
+        train_config("batch_size=8", f"out_dir={tmp_path / 'one'}", job=LLAMA_JOB), progress=False
+    )
+    assert isinstance(single.model, Llama)
+    expected = _losses(single.fit().run_dir)
+    _launch(tmp_path / "ds", "zero3.json", job=LLAMA_JOB)
+    assert _losses(tmp_path / "ds") == pytest.approx(expected, abs=PARITY)
+    model, tokenizer = load_for_sampling(tmp_path / "ds")
+    assert isinstance(model, Llama) and model.config == single.config.model
+    for name, tensor in single.model.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
+    assert generate_text(model, tokenizer, "ROMEO:", 20, seed=0)
 
 
 @pytest.mark.multiprocess
