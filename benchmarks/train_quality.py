@@ -50,7 +50,7 @@ def main() -> int:
         start = time.perf_counter()
         result = trainer.fit()
         seconds = time.perf_counter() - start
-        trainer.config.eval_iters = 200
+        run_eval_iters, trainer.config.eval_iters = c.eval_iters, 200
         final = trainer.evaluate()
     print(
         f"machine: {torch.get_num_threads()} torch threads; {n_params:,} parameters "
@@ -61,7 +61,7 @@ def main() -> int:
     )
     print(
         f"validation loss after {c.max_iters} steps: {final['val']:.4f} over 200 batches, "
-        f"{result.val_loss:.4f} over {c.eval_iters} (train {final['train']:.4f}); "
+        f"{result.val_loss:.4f} over the run's {run_eval_iters} (train {final['train']:.4f}); "
         f"target <= {TARGET}, reference {REFERENCE}"
     )
     print(
