@@ -145,30 +145,6 @@ class Attention(nn.Module):
         # rank's q_proj produces only its share of the heads.
         return x.view(*x.shape[:2], -1, self.head_dim).transpose(1, 2)
 
-    def _project(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries from `x`, keys and values from `context`, each `(B, H, T or S, D)`.
-
-        In self-attention with plain `nn.Linear` projections the three weights are stacked and
-        multiplied in one matmul, forward and backward: one larger kernel instead of three small
-        ones, the same sums (benchmarks/peers.py measures it). Any other projection (a LoRA
-        adapter, a tensor-parallel shard, a quantised layer, one with hooks) runs its own."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        plain = context is x and all(
-            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks)
-            for p in projections
-        )
-        if plain and len({p.bias is None for p in projections}) == 1:
-            weight = torch.cat([p.weight for p in projections])
-            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
-            sizes = [p.out_features for p in projections]
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
-            return self._heads(q), self._heads(k), self._heads(v)
-        return (
-            self._heads(self.q_proj(x)),
-            self._heads(self.k_proj(context)),
-            self._heads(self.v_proj(context)),
-        )
-
     def forward(
         self,
         x: Tensor,
@@ -191,7 +167,10 @@ class Attention(nn.Module):
         `cache.layers[layer]` and the queries attend to all of them: either the cache was empty
         (the prompt, causal as usual) or `x` is one new token, which may see every cached one.
         """
-        q, k, v = self._project(x, x if context is None else context)
+        context = x if context is None else context
+        q = self._heads(self.q_proj(x))  # (B, H, T, D)
+        k = self._heads(self.k_proj(context))  # (B, H, S, D)
+        v = self._heads(self.v_proj(context))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
