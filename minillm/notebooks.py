@@ -333,6 +333,10 @@ def _kernel_env() -> dict[str, str]:
     # Progress bars as a log writes them: the first and last line, no widget ids, no IProgress.
     env["MINILLM_PROGRESS"] = "log"
     env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # A chapter's figures come from torch's default threads (a chapter that wants fewer sets them
+    # itself): a caller's limit, such as the one-thread test workers', must not change them.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
     # Library deprecation notices say nothing about the chapter.
     env["PYTHONWARNINGS"] = ",".join(
         w for w in (env.get("PYTHONWARNINGS"), "ignore::FutureWarning") if w
