@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from minillm.model import GPT, GPTConfig
-from tests.exercises import in_worker_ch05_ch06
+from tests.exercises import in_worker
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
@@ -402,7 +402,7 @@ def test_evaluate_uses_eval_mode_and_no_grad(impl):
     a backward that never comes). The reference is the mean loss in eval mode, computed here."""
     ex = impl("ch05_training")
     model, batches = dropout_gpt(), eval_batches()
-    loss, calls, _ = ex.run_helper(in_worker_ch05_ch06.evaluate_in_worker, model, batches, True)
+    loss, calls, _ = ex.run_helper(in_worker.evaluate_in_worker, model, batches, True)
     model.eval()
     with torch.no_grad():
         expected = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
@@ -424,7 +424,7 @@ def test_evaluate_restores_the_mode_it_found(impl):
     ex = impl("ch05_training")
     for training in (True, False):
         _, _, after = ex.run_helper(
-            in_worker_ch05_ch06.evaluate_in_worker, dropout_gpt(), eval_batches(), training
+            in_worker.evaluate_in_worker, dropout_gpt(), eval_batches(), training
         )
         assert after is training, (
             f"the model was {'training' if training else 'in eval mode'} before the call and "
@@ -443,10 +443,10 @@ def test_resumed_run_equals_an_uninterrupted_one(impl):
     leaves the fresh model's own weights. The reference is the same 10 steps without a stop, run
     here; on a CPU the two must agree bit for bit."""
     ex = impl("ch05_training")
-    model, optimizer, batches = in_worker_ch05_ch06.resume_problem()
-    in_worker_ch05_ch06.train_on(model, optimizer, batches)
+    model, optimizer, batches = in_worker.resume_problem()
+    in_worker.train_on(model, optimizer, batches)
     for stop in (3, 7):
-        step, weights = ex.run_helper(in_worker_ch05_ch06.resume_in_worker, stop)
+        step, weights = ex.run_helper(in_worker.resume_in_worker, stop)
         assert step == stop, f"load_checkpoint returned step {step!r}, expected {stop}"
         for name, value in model.state_dict().items():
             assert torch.equal(weights[name], value), (

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minillm.model import GPT, Block, GPTConfig
-from tests.exercises import in_worker_ch05_ch06
+from tests.exercises import in_worker
 
 # What each exercise must not call: the library function it asks you to write (a call fails
 # the test). A guard against the obvious shortcut; the stubs' docstrings name the same.
@@ -240,8 +240,8 @@ def test_checkpointed_forward_equals_plain_and_saves_less(impl):
     that draws new dropout masks (the gradients differ from the plain forward's). The reference
     is the plain forward of the same blocks, with the same random state, computed here."""
     ex = impl("ch06_memory")
-    out, x_grad, grads, saved = ex.run_helper(in_worker_ch05_ch06.checkpointed_in_worker)
-    blocks, x = in_worker_ch05_ch06.checkpoint_blocks()
+    out, x_grad, grads, saved = ex.run_helper(in_worker.checkpointed_in_worker)
+    blocks, x = in_worker.checkpoint_blocks()
     params = {p.untyped_storage().data_ptr() for p in blocks.parameters()}
 
     def plain():
@@ -251,7 +251,7 @@ def test_checkpointed_forward_equals_plain_and_saves_less(impl):
         return h
 
     torch.manual_seed(1)
-    storages, expected = in_worker_ch05_ch06.saved_bytes(plain)
+    storages, expected = in_worker.saved_bytes(plain)
     expected.pow(2).sum().backward()
     plain_saved = sum(n for ptr, n in storages.items() if ptr not in params)
     torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-12)
