@@ -148,6 +148,9 @@ def test_the_budget_is_cpu_time_on_two_cores():
 
 
 @pytest.mark.slow
+# One xdist worker runs the chapters one after another (`./course test` distributes by group):
+# two chapters side by side, each using both cores, inflate each other's CPU seconds.
+@pytest.mark.xdist_group("chapter_kernels")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom_within_budget(path):
     run = execute_notebook(path, write=False)
