@@ -12,7 +12,8 @@ Read it top to bottom:
 3. `time_to_train` and `TIME_TO_TRAIN`: named models on named hardware, assumptions stated;
 4. `ScalingLaw`, `CHINCHILLA`, `fit_scaling_law`: the loss as a function of parameters N and
    training tokens D, fitted as Hoffmann et al. (2022) fit theirs, and the compute-optimal N for
-   a budget C = 6 N D.
+   a budget C = 6 N D; `bootstrap_scaling_law`: how tightly the runs pin each fitted number down
+   (refits on runs drawn with replacement), and which numbers they do not identify.
 
 A FLOP here is one floating-point multiply or add: a multiply-add counts 2, so `(m, k) @ (k, n)`
 costs 2 m k n, torch's convention too.
@@ -293,6 +294,11 @@ class ScalingLaw:
         n, d = np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
         return self.E + self.A / n**self.alpha + self.B / d**self.beta
 
+    @property
+    def n_exponent(self) -> float:
+        """a in N_opt ~ C^a: beta / (alpha + beta) (`compute_optimal`); D_opt grows as C^(1 - a)."""
+        return self.beta / (self.alpha + self.beta)
+
     def compute_optimal(self, flops: float) -> tuple[float, float]:
         """(N, D) that minimise L on the budget C = 6 N D = `flops`.
 
@@ -301,6 +307,11 @@ class ScalingLaw:
         and D_opt = C / (6 N_opt).
         """
         require_positive(flops, "flops")
+        if not min(self.A, self.B, self.alpha, self.beta) > 0:
+            raise InputError(
+                "a law whose loss does not fall with both N and D (A, B, alpha and beta all > 0) "
+                f"has no compute-optimal split: {self}"
+            )
         s = self.alpha + self.beta
         g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / s)
         n = g * (flops / 6) ** (self.beta / s)
@@ -325,9 +336,13 @@ class ScalingFit:
 
 
 _EXPONENT_GRID = np.linspace(0.05, 1.5, 30)
-# Huber's loss with delta 1e-3 has gradients of 1e-3 and less: scipy's default tolerances would
-# stop far from the minimum.
-_LBFGS_OPTIONS = {"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-13}
+# Huber's loss with delta 1e-3 has gradients of 1e-3 and less: scipy's default tolerance would
+# stop far from the minimum. A well-posed fit converges in about 50 iterations; the cap stops
+# the slow drift along a flat valley of an unidentified fit (say E -> 0 while beta -> 0 turns
+# B/D^beta into the floor), where every point fits equally well. BFGS rather than Hoffmann et
+# al.'s L-BFGS: five unknowns need no limited memory, and scipy's L-BFGS-B calls threaded BLAS
+# on 5-vectors, 30x slower on a busy CPU.
+_BFGS_OPTIONS = {"maxiter": 1000, "gtol": 1e-13}
 
 
 def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -347,14 +362,13 @@ def fit_scaling_law(
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs as Hoffmann et al. (2022) did: in log space,
     log L = logsumexp(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, by
     minimising the Huber loss (delta 1e-3: least squares on small residuals, robust to outliers)
-    of log L_fit - log L with L-BFGS from the best starting points of a grid, keeping the best.
+    of log L_fit - log L with BFGS from the best starting points of a grid, keeping the best.
 
     Fitting logarithms weighs every run by its relative error; the log-sum-exp form keeps E, A and
     B positive without constraints. Five parameters need runs that vary N and D independently:
     at least 6, in practice a grid of several sizes by several token budgets.
     """
     from scipy.optimize import minimize, nnls
-    from scipy.special import logsumexp
 
     n, d, loss = (np.asarray(v, dtype=float) for v in (n_params, tokens, losses))
     if not (n.ndim == d.ndim == loss.ndim == 1 and len(n) == len(d) == len(loss)):
@@ -370,7 +384,8 @@ def fit_scaling_law(
     def objective(theta):
         a, b, e, alpha, beta = theta
         terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-        pred = logsumexp(terms, axis=0)
+        top = terms.max(axis=0)  # log-sum-exp over the three terms, by hand: scipy's costs 100x
+        pred = top + np.log(np.exp(terms - top).sum(axis=0))
         value, slope = _huber(pred - log_l, huber_delta)
         weights = np.exp(terms - pred)  # d pred / d (each term): the softmax of the terms
         grad = np.array(
@@ -386,7 +401,7 @@ def fit_scaling_law(
 
     # Starting points: for fixed exponents the law is linear in (E, A, B), so a grid of exponents
     # with non-negative least squares on relative errors (about log space) gives good starts
-    # cheaply; L-BFGS then refines the best few on the real objective.
+    # cheaply; BFGS then refines the best few on the real objective.
     starts = []
     for alpha, beta in itertools.product(_EXPONENT_GRID, _EXPONENT_GRID):
         design = np.stack([np.ones_like(n), n**-alpha, d**-beta], axis=1) / loss[:, None]
@@ -397,7 +412,7 @@ def fit_scaling_law(
     best = None
     for _, start in starts[:3]:
         result = minimize(
-            objective, np.array(start), jac=True, method="L-BFGS-B", options=_LBFGS_OPTIONS
+            objective, np.array(start), jac=True, method="BFGS", options=_BFGS_OPTIONS
         )
         if best is None or result.fun < best.fun:
             best = result
@@ -407,3 +422,94 @@ def fit_scaling_law(
     return ScalingFit(
         law, residuals, float(np.sqrt(np.mean(residuals**2))), float(np.abs(residuals).max())
     )
+
+
+# The numbers a fit reports, in `ScalingSpread`: the law's five and the compute-optimal exponent.
+SCALING_QUANTITIES = ("E", "A", "B", "alpha", "beta", "n_exponent")
+# Below this fraction of the loss a part of the law is not measured by the runs: an E that small
+# is the fit's floor gone to 0 (log E running off to -inf); a term A/N^alpha or B/D^beta that
+# changes by less over the runs (or by less than the fit's rms residual) is not seen by them.
+_UNSEEN = 1e-3
+
+
+@dataclass(frozen=True)
+class ScalingSpread:
+    """How tightly a set of runs pins down each number of a fitted `ScalingLaw`.
+
+    `fit` is the fit to all runs; `samples[q]` the quantity q (one of `SCALING_QUANTITIES`) of
+    each refit on a bootstrap resample of the runs; `intervals[q]` their 16th and 84th percentiles
+    (a 68% interval: +-1 sigma were the spread normal); `relative_spread[q]` how far the interval
+    reaches from the full fit's value, over |value|. q is `identified` when that is at most
+    `rel_tol`, when (for E) the fit has not put the floor at 0, and when (for A, alpha, B, beta)
+    its term changes the loss over the runs by more than 0.1% and more than the rms residual: a
+    term the runs do not see has no spread, since its refits never move it, yet says nothing.
+    n_exponent = beta / (alpha + beta) needs both terms seen.
+    """
+
+    fit: ScalingFit
+    samples: dict[str, np.ndarray]
+    intervals: dict[str, tuple[float, float]]
+    relative_spread: dict[str, float]
+    identified: dict[str, bool]
+    rel_tol: float
+
+    def value(self, name: str) -> float:
+        """Quantity `name` of the fit to all runs."""
+        return float(getattr(self.fit.law, name))
+
+
+def bootstrap_scaling_law(
+    n_params: Sequence[float],
+    tokens: Sequence[float],
+    losses: Sequence[float],
+    *,
+    resamples: int = 200,
+    seed: int = 0,
+    rel_tol: float = 0.25,
+    huber_delta: float = 1e-3,
+) -> ScalingSpread:
+    """`fit_scaling_law` on all runs, then on `resamples` resamples of the runs drawn with
+    replacement (a bootstrap over runs, seeded by `seed`): the spread of the refits says which
+    numbers the runs identify (`ScalingSpread`).
+
+    A law can reproduce every run closely and still leave a parameter free: when E + A/N^alpha
+    barely bends over the sizes, E and A trade off against each other; when the loss does not
+    depend on D, B is 0 and beta anything. Dropping and repeating runs moves such a parameter a
+    long way, a well-determined one little. The refits use the same grid of starts as the fit, so
+    a resample that admits two fits may land on either: that is part of the spread.
+    """
+    fit = fit_scaling_law(n_params, tokens, losses, huber_delta=huber_delta)  # checks the runs
+    resamples = int(require_positive(resamples, "resamples", integer=True))
+    if resamples < 20:
+        raise InputError(f"percentiles of {resamples} refits mean little; use at least 20")
+    if not (isinstance(rel_tol, (int, float)) and 0 < rel_tol < 1):
+        raise InputError(f"rel_tol must be a fraction in (0, 1), got {rel_tol!r}")
+    n, d, loss = (np.asarray(v, dtype=float) for v in (n_params, tokens, losses))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(n), len(n))
+        refit = fit_scaling_law(n[pick], d[pick], loss[pick], huber_delta=huber_delta).law
+        rows.append([getattr(refit, q) for q in SCALING_QUANTITIES])
+    table = np.array(rows)
+    law, unseen = fit.law, max(_UNSEEN, fit.rms)
+    seen_n = np.ptp(law.A / n**law.alpha / loss) > unseen  # each term's change over the runs,
+    seen_d = np.ptp(law.B / d**law.beta / loss) > unseen  # relative to the loss
+    seen = {
+        "E": law.E >= _UNSEEN * loss.min(),
+        "A": seen_n,
+        "alpha": seen_n,
+        "B": seen_d,
+        "beta": seen_d,
+        "n_exponent": seen_n and seen_d,
+    }
+    samples, intervals, relative = {}, {}, {}
+    for column, q in zip(table.T, SCALING_QUANTITIES, strict=True):
+        low, high = np.percentile(column, [16, 84])
+        value = float(getattr(law, q))
+        samples[q] = column
+        intervals[q] = (float(low), float(high))
+        reach = max(high - value, value - low)
+        relative[q] = float(reach / abs(value)) if value != 0 else math.inf
+    identified = {q: relative[q] <= rel_tol and bool(seen[q]) for q in SCALING_QUANTITIES}
+    return ScalingSpread(fit, samples, intervals, relative, identified, rel_tol)

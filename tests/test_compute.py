@@ -1,6 +1,7 @@
 """minillm.compute: the FLOP formula against torch's FlopCounterMode on real training steps, the
 matmul peak and MFU, time-to-train by hand, and the scaling-law fit on data from known laws."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -144,6 +145,9 @@ def test_compute_optimal_minimises_the_loss_on_the_budget():
     assert 15 < d_opt / n_opt < 100  # tokens per parameter: tens, not Kaplan's ~1
     with pytest.raises(InputError):
         law.compute_optimal(0.0)
+    for no_optimum in (dict(alpha=-0.1), dict(beta=0.0)):  # a loss that does not fall with N or D
+        with pytest.raises(InputError, match="no compute-optimal split"):
+            dataclasses.replace(law, **no_optimum).compute_optimal(1e18)
 
 
 def test_fit_refuses_bad_input():
@@ -157,3 +161,82 @@ def test_fit_refuses_bad_input():
         compute.fit_scaling_law(GRID_N, GRID_D, bad)
     with pytest.raises(InputError, match="> 0"):
         compute.fit_scaling_law(GRID_N, GRID_D, -np.ones(15))
+
+
+def test_n_exponent_by_hand():
+    """Chinchilla's N_opt ~ C^a: a = 0.28 / (0.34 + 0.28) = 0.4516..."""
+    assert compute.CHINCHILLA.n_exponent == pytest.approx(0.28 / 0.62, rel=1e-15)
+
+
+KNOWN = compute.ScalingLaw(E=1.5, A=50.0, B=300.0, alpha=0.4, beta=0.3)
+
+
+def noisy(losses, sigma=0.002, seed=0):
+    """Losses times exp(normal(0, sigma)): measured runs' relative noise."""
+    return losses * np.exp(np.random.default_rng(seed).normal(0.0, sigma, len(losses)))
+
+
+def test_bootstrap_of_noise_free_runs_has_no_spread():
+    """Runs exactly on a law: every resample's refit is the law (the 68% intervals sit on it)."""
+    spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, KNOWN.loss(GRID_N, GRID_D), resamples=40)
+    for q in compute.SCALING_QUANTITIES:
+        low, high = spread.intervals[q]
+        assert low == pytest.approx(getattr(KNOWN, q), rel=1e-5), q
+        assert high == pytest.approx(getattr(KNOWN, q), rel=1e-5), q
+        assert spread.identified[q], q
+    assert len(spread.samples["beta"]) == 40
+
+
+def test_bootstrap_of_noisy_runs_brackets_the_true_law():
+    """0.2% noise on runs from a known law: every number is identified to within 10%, and the
+    true value lies within the interval widened by its own width on each side."""
+    losses = noisy(KNOWN.loss(GRID_N, GRID_D))
+    spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=40, seed=1)
+    for q in compute.SCALING_QUANTITIES:
+        low, high = spread.intervals[q]
+        assert low <= spread.value(q) <= high, q
+        assert spread.relative_spread[q] < 0.1, q
+        assert spread.identified[q], q
+        assert low - (high - low) <= getattr(KNOWN, q) <= high + (high - low), q
+    again = compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=40, seed=1)
+    np.testing.assert_array_equal(again.samples["alpha"], spread.samples["alpha"])
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.002])
+def test_bootstrap_without_d_dependence_does_not_identify_beta(sigma):
+    """Losses that depend on N only: B and beta (and the compute-optimal exponent, which needs
+    beta) are reported unidentified, with or without noise, while E, A and alpha are."""
+    losses = KNOWN.E + KNOWN.A / GRID_N**KNOWN.alpha
+    if sigma:
+        losses = noisy(losses, sigma)
+    spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=40)
+    for q in ("B", "beta", "n_exponent"):
+        assert not spread.identified[q], q
+    for q in ("E", "A", "alpha"):
+        assert spread.identified[q], q
+        assert spread.value(q) == pytest.approx(getattr(KNOWN, q), rel=0.1), q
+
+
+def test_bootstrap_reports_a_floor_at_zero_as_unidentified():
+    """Runs from a law with no floor (E = 0): the fit's E goes to 0, which is not a measurement of
+    the text's entropy, so E is reported unidentified; the rest is recovered."""
+    law = compute.ScalingLaw(E=0.0, A=50.0, B=300.0, alpha=0.4, beta=0.3)
+    spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, law.loss(GRID_N, GRID_D), resamples=40)
+    assert spread.value("E") < 1e-3
+    assert not spread.identified["E"]
+    for q in ("alpha", "beta", "n_exponent"):
+        assert spread.identified[q], q
+        assert spread.value(q) == pytest.approx(getattr(law, q), rel=1e-3), q
+
+
+def test_bootstrap_refuses_bad_input():
+    losses = KNOWN.loss(GRID_N, GRID_D)
+    with pytest.raises(InputError, match="at least 20"):
+        compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=5)
+    with pytest.raises(InputError, match="resamples"):
+        compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=0)
+    for bad in (0.0, 1.0, -0.1, "0.2"):
+        with pytest.raises(InputError, match="rel_tol"):
+            compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, rel_tol=bad)
+    with pytest.raises(InputError, match="one length"):
+        compute.bootstrap_scaling_law(GRID_N, GRID_D[:-1], losses)
