@@ -164,6 +164,27 @@ def test_zero_stages_match_the_single_process_trainer(stage, tmp_path, single_pr
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_the_engine_joins_a_process_group_started_before_it(tmp_path, single_process):
+    """Ranks that `minillm.parallel.launch` started (their process group already up, as chapter
+    09 runs several DeepSpeed runs in two processes) train as the launcher's ranks do. The
+    mistake it catches: building the engine without joining DeepSpeed's communication layer,
+    whose config parser then counts one rank and refuses train_batch_size 8 (4 x 1 x 1)."""
+    from functools import partial
+
+    from minillm.engines import deepspeed_engine
+    from minillm.parallel.launch import launch
+    from minillm.train import train_worker
+
+    config = train_config(f"out_dir={tmp_path / 'launched'}")
+    engine = partial(deepspeed_engine, ds_config=ds_config.load_config(CONFIGS / "zero2.json"))
+    losses = launch(train_worker, 2, config, engine, echo=False)[0]
+    assert losses == pytest.approx(single_process["plain"], abs=PARITY), (
+        f"expected the single process's losses {single_process['plain']}, got {losses}"
+    )
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_accumulation_and_clipping_match_the_trainer(tmp_path, single_process):
     """2 ranks x 2 micro-batches of 2 sequences, clipped at 0.05."""
     _launch(tmp_path / "ds", "zero2.json", "batch_size=2", "grad_accum=2", "optim.grad_clip=0.05")

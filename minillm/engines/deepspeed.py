@@ -65,8 +65,9 @@ class DeepSpeedTrainEngine:
     ):
         import deepspeed
 
-        if not dist.is_initialized():
-            deepspeed.init_distributed()
+        # Also where the process group is up already (minillm.parallel.launch): DeepSpeed's config
+        # parser counts the ranks of its own communication layer, which this joins to that group.
+        deepspeed.init_distributed()
         self.rank = dist.get_rank()
         self.config = config
         self.ds_config = prepare_config(ds_config, config, dist.get_world_size(), device.type)
