@@ -15,9 +15,9 @@ N counts the non-embedding parameters (as Kaplan et al. and chapter 06 do), D th
 (batch x context x steps), L the validation loss in nats per character over 50 batches. The grid
 is built to separate the two terms: the smallest models stop improving within the budgets
 (capacity-limited), the largest are still far from it (data-limited). One learning rate for all,
-2e-2 (tried at 500 steps: the 888-parameter model 2.78 at 3e-3, 2.60 at 3e-2, 2.57 at 6e-2, 2.60
-at 1.2e-1; the 14k one 2.43 at 2e-2, 2.93 at 5e-2; the 200k one 2.38 at 3e-3, 2.32 at 2e-2, 2.79
-at 4e-2).
+2e-2 (validation losses after 500 steps: the 888-parameter model 2.78 at 3e-3, 2.63 at 1e-2,
+2.60 at 3e-2, 2.57 at 6e-2, 2.60 at 1.2e-1; the 14k one 2.43 at 2e-2, 2.93 at 5e-2; the 200k one
+2.38 at 3e-3, 2.36 at 1e-2, 2.32 at 2e-2, 2.79 at 4e-2).
 
 The figures go to the JSON file that chapter 06 reads, with the time taken (`sweep` for the 15
 training runs, `seconds` for everything) as wall and CPU seconds: CPU seconds
@@ -27,7 +27,7 @@ wall time on a 2-core machine shared by a dozen jobs); everything, the main job'
 the 200 bootstrap refits included, 387 CPU seconds (1,172 s of wall time).
 
 What the committed run found: the law does not fit these runs (log residuals rms 4.0%, up to
-10.6%) and the bootstrap identifies none of its numbers. The law's D-term is the same for every
+10.5%) and the bootstrap identifies none of its numbers. The law's D-term is the same for every
 size, so it cannot follow runs whose gain from more tokens depends on the size (0.12 nats for
 the smallest model from 256k to 1M characters, 0.44 for the largest): the saturation this grid
 was built to show is what the additive form cannot represent, and at 64k characters the order of
