@@ -384,7 +384,7 @@ def fit_scaling_law(
     def objective(theta):
         a, b, e, alpha, beta = theta
         terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-        top = terms.max(axis=0)  # log-sum-exp over the three terms, by hand: scipy's costs 100x
+        top = terms.max(axis=0)  # log-sum-exp by hand: scipy's takes 15x as long on 3 x 15
         pred = top + np.log(np.exp(terms - top).sum(axis=0))
         value, slope = _huber(pred - log_l, huber_delta)
         weights = np.exp(terms - pred)  # d pred / d (each term): the softmax of the terms
