@@ -1,10 +1,20 @@
 """Quality and throughput of the main job: the small CPU configuration on character-level tiny
 Shakespeare (configs/train/shakespeare_char.yaml, what `./course run` trains).
 
-4 layers, 4 heads, width 128, context 64, batch 12, 2000 iterations, no dropout: the budget of
-nanoGPT's well-known CPU example, which reaches a validation loss of about 1.88. minillm's target
-is at most 1.70 with the same budget (the same tokens seen: 12 x 64 x 2000). The final
-validation loss is printed over 200 batches and over the run's own 20.
+The budget is fixed: context 64, batch 12, 2000 iterations (the same tokens seen: 12 x 64 x 2000),
+no dropout, the budget of nanoGPT's well-known CPU example, which reaches a validation loss of
+about 1.88. The model may change shape within 5% of the first main job's 809,856 parameters
+(GPT-2's layout: 4 layers, 4 heads, width 128, biases, learned positions). minillm's target is a
+validation loss of at most 1.70; the exit status is 0 only when it is met at that size. The final
+loss is printed over 200 batches and over the run's own 20.
+
+Measured (validation loss over 200 batches after 2000 steps, one thread on a shared 2-core CPU):
+the first main job 1.754; its cosine decaying to 0 instead of 1e-4, 1.759; rotary positions and
+no biases 1.736 (with an untied lm_head 1.741); that model 6 layers deep and 104 wide (786,864
+parameters, today's main job) 1.714. Stopped early, behind the run each varies at its last two
+evaluations (20 batches): weight decay 0.3 (step 1500) and 0 (step 750) against 0.1, and 7 layers
+x 96 against 6 x 104 (step 1750). The course's Llama reaches 1.696 on this budget
+(benchmarks/llama_vs_gpt.py).
 
     python benchmarks/train_quality.py [--set key=value ...]
 """
@@ -22,7 +32,7 @@ from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET, REFERENCE = 1.70, 1.88
-# the model before the quality work (learned positions, biases); the target allows +-5% of it
+# the first main job (4 layers x 128, biases, learned positions); the target allows +-5% of it
 BASELINE_PARAMETERS = 809_856
 
 
@@ -36,15 +46,10 @@ def main() -> int:
             [f"out_dir={tmp}", "sample_tokens=0", *args.set],
         )
         c, m = config, config.model
-        assert (
-            m.n_layer,
-            m.n_head,
-            m.n_embd,
-            m.block_size,
-            c.batch_size,
-            c.max_iters,
-            m.dropout,
-        ) == (4, 4, 128, 64, 12, 2000, 0.0), "this benchmark is defined for the small CPU budget"
+        # the budget is fixed (the tokens seen, no dropout); the model's shape may change within
+        # 5% of the baseline's parameters
+        budget = (m.block_size, c.batch_size, c.grad_accum, c.max_iters, m.dropout)
+        assert budget == (64, 12, 1, 2000, 0.0), "this benchmark is defined for the CPU budget"
         trainer = Trainer(config, progress=False)
         n_params = trainer.model.num_parameters()
         start = time.perf_counter()
@@ -55,9 +60,10 @@ def main() -> int:
     print(
         f"machine: {torch.get_num_threads()} torch threads; {n_params:,} parameters "
         f"({n_params / BASELINE_PARAMETERS - 1:+.1%} against {BASELINE_PARAMETERS:,}), "
-        f"positions {m.positions}, bias {m.bias}; lr {c.optim.learning_rate}, "
+        f"{m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, positions {m.positions}, "
+        f"bias {m.bias}, tied {m.tie_weights}; lr {c.optim.learning_rate}, "
         f"warm-up {c.optim.warmup_iters}, min lr {c.optim.min_lr}, betas "
-        f"({c.optim.beta1}, {c.optim.beta2})"
+        f"({c.optim.beta1}, {c.optim.beta2}), weight decay {c.optim.weight_decay}"
     )
     print(
         f"validation loss after {c.max_iters} steps: {final['val']:.4f} over 200 batches, "
