@@ -1,6 +1,6 @@
 """The compute budget (chapter 05) and scaling laws (chapter 06): FLOPs per token from the
 architecture, a count of the real FLOPs of a training step, this machine's matmul peak, model
-FLOP utilisation (MFU), time-to-train estimates, and the fit of L(N, D) = E + A/N^alpha + B/D^beta.
+FLOP utilisation (MFU), time-to-train estimates, and the fit of scaling laws L(N, D).
 
 Read it top to bottom:
 
@@ -10,9 +10,10 @@ Read it top to bottom:
 2. `matmul_peak`, `mfu`: the achieved FLOP/s of a training run against this machine's measured
    matmul peak;
 3. `time_to_train` and `TIME_TO_TRAIN`: named models on named hardware, assumptions stated;
-4. `ScalingLaw`, `CHINCHILLA`, `fit_scaling_law`: the loss as a function of parameters N and
-   training tokens D, fitted as Hoffmann et al. (2022) fit theirs, and the compute-optimal N for
-   a budget C = 6 N D; `bootstrap_scaling_law`: how tightly the runs pin each fitted number down
+4. `ScalingLaw` (Hoffmann et al.'s additive form), `CoupledScalingLaw` (Kaplan et al.'s),
+   `CHINCHILLA`, `fit_scaling_law`: the loss as a function of parameters N and training tokens
+   D, fitted as Hoffmann et al. (2022) fit theirs, and the compute-optimal N for a budget
+   C = 6 N D; `bootstrap_scaling_law`: how tightly the runs pin each fitted number down
    (refits on runs drawn with replacement), and which numbers they do not identify.
 
 A FLOP here is one floating-point multiply or add: a multiply-add counts 2, so `(m, k) @ (k, n)`
@@ -21,6 +22,7 @@ costs 2 m k n, torch's convention too.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import statistics
@@ -280,14 +282,19 @@ def time_to_train_table(mfu: float = 0.4, devices: int = 1) -> list[dict[str, fl
 @dataclass(frozen=True)
 class ScalingLaw:
     """L(N, D) = E + A / N^alpha + B / D^beta: the loss of a model of N parameters trained on D
-    tokens. E is the loss no model reaches (the text's own entropy); the two terms are what a
-    finite model and a finite run add to it."""
+    tokens, Hoffmann et al.'s (2022) additive form. E is the loss no model reaches (the text's own
+    entropy); the two terms are what a finite model and a finite run add to it. Every size gains
+    the same B/D^beta from more tokens: the form cannot follow a small model that saturates while
+    a large one keeps learning (`CoupledScalingLaw` can)."""
 
     E: float
     A: float
     B: float
     alpha: float
     beta: float
+
+    # The numbers a fit reports (`ScalingSpread`): the law's own and the compute-optimal exponent.
+    QUANTITIES = ("E", "A", "B", "alpha", "beta", "n_exponent")
 
     def loss(self, n_params, tokens):
         """L at `n_params` and `tokens` (numbers or numpy arrays of one shape)."""
@@ -317,25 +324,181 @@ class ScalingLaw:
         n = g * (flops / 6) ** (self.beta / s)
         return n, flops / (6 * n)
 
+    # The fit's view (`fit_scaling_law`): theta = (log A, log B, log E, alpha, beta), and
+    # log L = logsumexp(log A - alpha log N, log B - beta log D, log E).
+
+    @staticmethod
+    def _log_loss(theta, log_n, log_d):
+        """log L at theta and its Jacobian (one row per entry of theta)."""
+        a, b, e, alpha, beta = theta
+        terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+        pred = _logsumexp(terms)
+        weights = np.exp(terms - pred)  # d pred / d (each term): the softmax of the terms
+        jac = np.stack(
+            [weights[0], weights[1], weights[2], -weights[0] * log_n, -weights[1] * log_d]
+        )
+        return pred, jac
+
+    @staticmethod
+    def _starts(n, d, loss):
+        """(misfit, theta) per pair of a grid of exponents: for fixed exponents the law is linear
+        in (E, A, B), so non-negative least squares on relative errors (about log space) gives
+        each pair's best start cheaply."""
+        from scipy.optimize import nnls
+
+        for alpha, beta in itertools.product(_EXPONENT_GRID, _EXPONENT_GRID):
+            design = np.stack([np.ones_like(n), n**-alpha, d**-beta], axis=1) / loss[:, None]
+            coef, misfit = nnls(design, np.ones_like(loss))
+            e, a, b = np.log(np.maximum(coef, 1e-8))
+            yield misfit, (a, b, e, alpha, beta)
+
+    @classmethod
+    def _from_theta(cls, theta) -> ScalingLaw:
+        a, b, e, alpha, beta = theta
+        return cls(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta))
+
+    def _seen(self, n, d, loss, unseen) -> dict[str, bool]:
+        """Which quantities the runs see: a term that changes the loss over the runs by less than
+        `unseen` (relative) is not measured by them; an E below it is the floor gone to 0."""
+        seen_n = np.ptp(self.A / n**self.alpha / loss) > unseen
+        seen_d = np.ptp(self.B / d**self.beta / loss) > unseen
+        return {
+            "E": self.E >= _UNSEEN * loss.min(),
+            "A": seen_n,
+            "alpha": seen_n,
+            "B": seen_d,
+            "beta": seen_d,
+            "n_exponent": seen_n and seen_d,
+        }
+
+
+@dataclass(frozen=True)
+class CoupledScalingLaw:
+    """L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D, Kaplan et al.'s (2020) eq. 1.5.
+
+    The two limits are power laws, L = (N_c/N)^alpha_N for D -> infinity and (D_c/D)^alpha_D for
+    N -> infinity, but they add inside the bracket: how much a model gains from more tokens
+    depends on its size. A small model's bracket is dominated by its N-term, so more data barely
+    moves it (it saturates); a large model's by the D-term, so it keeps learning. There is no
+    floor: L -> 0 as N, D -> infinity. Fitted with a floor E added (a fifth parameter), the 10
+    runs of benchmarks/scaling.py past their first descent put E at 3e-14 with the same
+    residuals (1.3% rms): they support none, so the law has none.
+    """
+
+    N_c: float
+    D_c: float
+    alpha_N: float
+    alpha_D: float
+
+    QUANTITIES = ("N_c", "D_c", "alpha_N", "alpha_D", "n_exponent")
+
+    def loss(self, n_params, tokens):
+        """L at `n_params` and `tokens` (numbers or numpy arrays of one shape)."""
+        n, d = np.asarray(n_params, dtype=float), np.asarray(tokens, dtype=float)
+        return ((self.N_c / n) ** (self.alpha_N / self.alpha_D) + self.D_c / d) ** self.alpha_D
+
+    @property
+    def n_exponent(self) -> float:
+        """a in N_opt ~ C^a: alpha_D / (alpha_N + alpha_D). On the budget the bracket is
+        (N_c/N)^r + 6 D_c N / C with r = alpha_N / alpha_D; its derivative in N vanishes at
+        N^(r+1) = r N_c^r C / (6 D_c), so N_opt ~ C^(1 / (r + 1))."""
+        return self.alpha_D / (self.alpha_N + self.alpha_D)
+
+    def compute_optimal(self, flops: float) -> tuple[float, float]:
+        """(N, D) that minimise L on the budget C = 6 N D = `flops`, found numerically: L(N, C/6N)
+        has one minimum in log N (the bracket is a sum of a falling and a rising power of N),
+        bracketed here around the closed-form estimate of `n_exponent`'s note and refined by
+        Brent's method to 1e-10 in log N."""
+        from scipy.optimize import minimize_scalar
+
+        require_positive(flops, "flops")
+        if not min(self.N_c, self.D_c, self.alpha_N, self.alpha_D) > 0:
+            raise InputError(
+                "a law whose loss does not fall with both N and D (N_c, D_c, alpha_N and alpha_D "
+                f"all > 0) has no compute-optimal split: {self}"
+            )
+        r = self.alpha_N / self.alpha_D
+        guess = (math.log(r) + r * math.log(self.N_c) + math.log(flops / (6 * self.D_c))) / (r + 1)
+
+        def log_loss(log_n):
+            return float(np.log(self.loss(math.exp(log_n), flops / (6 * math.exp(log_n)))))
+
+        found = minimize_scalar(
+            log_loss, bounds=(guess - 10, guess + 10), method="bounded", options={"xatol": 1e-10}
+        )
+        n = math.exp(found.x)
+        return n, flops / (6 * n)
+
+    # The fit's view: theta = (r log N_c, log D_c, alpha_D, r) with r = alpha_N / alpha_D, and
+    # log L = alpha_D logsumexp(r log N_c - r log N, log D_c - log D).
+
+    @staticmethod
+    def _log_loss(theta, log_n, log_d):
+        p, c, alpha_d, r = theta
+        terms = np.stack([p - r * log_n, c - log_d])
+        inner = _logsumexp(terms)
+        weights = np.exp(terms - inner)
+        jac = np.stack(
+            [alpha_d * weights[0], alpha_d * weights[1], inner, -alpha_d * weights[0] * log_n]
+        )
+        return alpha_d * inner, jac
+
+    @staticmethod
+    def _starts(n, d, loss):
+        """(misfit, theta) per pair of a grid of (alpha_D, r): L^(1/alpha_D) = N_c^r N^-r + D_c/D
+        is linear in (N_c^r, D_c), solved by non-negative least squares on relative errors."""
+        from scipy.optimize import nnls
+
+        for alpha_d, r in itertools.product(_EXPONENT_GRID, _RATIO_GRID):
+            target = loss ** (1 / alpha_d)
+            design = np.stack([n**-r, 1 / d], axis=1) / target[:, None]
+            coef, misfit = nnls(design, np.ones_like(loss))
+            p, c = np.log(np.maximum(coef, 1e-300))
+            yield misfit, (p, c, alpha_d, r)
+
+    @classmethod
+    def _from_theta(cls, theta) -> CoupledScalingLaw:
+        p, c, alpha_d, r = theta
+        return cls(math.exp(p / r), math.exp(c), float(r * alpha_d), float(alpha_d))
+
+    def _seen(self, n, d, loss, unseen) -> dict[str, bool]:
+        """Which quantities the runs see: the N-part is seen when L differs from its N -> infinity
+        limit (D_c/D)^alpha_D by more than `unseen` more at some runs than at others (in log),
+        the D-part likewise against (N_c/N)^alpha_N."""
+        log_l = np.log(self.loss(n, d))
+        seen_n = np.ptp(log_l - self.alpha_D * np.log(self.D_c / d)) > unseen
+        seen_d = np.ptp(log_l - self.alpha_N * np.log(self.N_c / n)) > unseen
+        return {
+            "N_c": seen_n,
+            "alpha_N": seen_n,
+            "D_c": seen_d,
+            "alpha_D": seen_d,
+            "n_exponent": seen_n and seen_d,
+        }
+
 
 # Hoffmann et al. (2022), "Training compute-optimal large language models", approach 3 (their
 # eq. 10): fitted to over 400 runs of 70M to 16B parameters on MassiveText, loss in nats per
 # (SentencePiece) token. Its compute-optimal models train on about 20 tokens per parameter.
 CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
+LAWS = (ScalingLaw, CoupledScalingLaw)
+
 
 @dataclass(frozen=True)
 class ScalingFit:
-    """A fitted `ScalingLaw` with how well it fits: the residuals log L_fit - log L of each run
-    (about the relative error), their root mean square and largest magnitude."""
+    """A fitted law (a `ScalingLaw` or a `CoupledScalingLaw`) with how well it fits: the
+    residuals log L_fit - log L of each run (about the relative error), their root mean square and
+    largest magnitude."""
 
-    law: ScalingLaw
+    law: ScalingLaw | CoupledScalingLaw
     residuals: np.ndarray
     rms: float
     max_abs: float
 
 
 _EXPONENT_GRID = np.linspace(0.05, 1.5, 30)
+_RATIO_GRID = np.geomspace(0.1, 10, 30)  # alpha_N / alpha_D of the coupled law
 # Huber's loss with delta 1e-3 has gradients of 1e-3 and less: scipy's default tolerance would
 # stop far from the minimum. A well-posed fit converges in about 50 iterations; the cap stops
 # the slow drift along a flat valley of an unidentified fit (say E -> 0 while beta -> 0 turns
@@ -345,6 +508,12 @@ _EXPONENT_GRID = np.linspace(0.05, 1.5, 30)
 _BFGS_OPTIONS = {"maxiter": 1000, "gtol": 1e-13}
 
 
+def _logsumexp(terms: np.ndarray) -> np.ndarray:
+    """log sum exp over the first axis, by hand: scipy's takes 15x as long on 3 x 15."""
+    top = terms.max(axis=0)
+    return top + np.log(np.exp(terms - top).sum(axis=0))
+
+
 def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Huber's loss of residuals `r` and its derivative."""
     small = np.abs(r) <= delta
@@ -352,29 +521,39 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     return value, np.where(small, r, delta * np.sign(r))
 
 
+def _check_law(law) -> None:
+    if law not in LAWS:
+        raise InputTypeError(
+            f"law must be one of {', '.join(f.__name__ for f in LAWS)}, got {law!r}"
+        )
+
+
 def fit_scaling_law(
     n_params: Sequence[float],
     tokens: Sequence[float],
     losses: Sequence[float],
     *,
+    law: type = ScalingLaw,
     huber_delta: float = 1e-3,
 ) -> ScalingFit:
-    """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs as Hoffmann et al. (2022) did: in log space,
-    log L = logsumexp(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, by
-    minimising the Huber loss (delta 1e-3: least squares on small residuals, robust to outliers)
-    of log L_fit - log L with BFGS from the best starting points of a grid, keeping the best.
+    """Fit a law L(N, D) (`ScalingLaw`, the default, or `CoupledScalingLaw`) to runs as Hoffmann
+    et al. (2022) fit theirs: in log space, by minimising the Huber loss (delta 1e-3: least
+    squares on small residuals, robust to outliers) of log L_fit - log L with BFGS from the best
+    three starting points of a grid, keeping the best.
 
-    Fitting logarithms weighs every run by its relative error; the log-sum-exp form keeps E, A and
-    B positive without constraints. Five parameters need runs that vary N and D independently:
+    Fitting logarithms weighs every run by its relative error; each law is written as a
+    log-sum-exp of its terms in logarithmic parameters, which keeps its constants positive without
+    constraints. The additive law's five parameters need runs that vary N and D independently:
     at least 6, in practice a grid of several sizes by several token budgets.
     """
-    from scipy.optimize import minimize, nnls
+    from scipy.optimize import minimize
 
+    _check_law(law)
     n, d, loss = (np.asarray(v, dtype=float) for v in (n_params, tokens, losses))
     if not (n.ndim == d.ndim == loss.ndim == 1 and len(n) == len(d) == len(loss)):
         raise InputError("n_params, tokens and losses must be three 1-D sequences of one length")
     if len(n) < 6:
-        raise InputError(f"five parameters need at least 6 runs, got {len(n)}")
+        raise InputError(f"a scaling law needs at least 6 runs, got {len(n)}")
     if not (np.isfinite(np.stack([n, d, loss])).all() and (n > 0).all() and (d > 0).all()):
         raise InputError("n_params and tokens must be finite and > 0, losses finite")
     if (loss <= 0).any():
@@ -382,33 +561,11 @@ def fit_scaling_law(
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
 
     def objective(theta):
-        a, b, e, alpha, beta = theta
-        terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-        top = terms.max(axis=0)  # log-sum-exp by hand: scipy's takes 15x as long on 3 x 15
-        pred = top + np.log(np.exp(terms - top).sum(axis=0))
+        pred, jac = law._log_loss(theta, log_n, log_d)
         value, slope = _huber(pred - log_l, huber_delta)
-        weights = np.exp(terms - pred)  # d pred / d (each term): the softmax of the terms
-        grad = np.array(
-            [
-                (slope * weights[0]).sum(),
-                (slope * weights[1]).sum(),
-                (slope * weights[2]).sum(),
-                -(slope * weights[0] * log_n).sum(),
-                -(slope * weights[1] * log_d).sum(),
-            ]
-        )
-        return value.sum(), grad
+        return value.sum(), jac @ slope
 
-    # Starting points: for fixed exponents the law is linear in (E, A, B), so a grid of exponents
-    # with non-negative least squares on relative errors (about log space) gives good starts
-    # cheaply; BFGS then refines the best few on the real objective.
-    starts = []
-    for alpha, beta in itertools.product(_EXPONENT_GRID, _EXPONENT_GRID):
-        design = np.stack([np.ones_like(n), n**-alpha, d**-beta], axis=1) / loss[:, None]
-        coef, misfit = nnls(design, np.ones_like(loss))
-        e, a, b = np.log(np.maximum(coef, 1e-8))
-        starts.append((misfit, (a, b, e, alpha, beta)))
-    starts.sort(key=lambda s: s[0])
+    starts = sorted(law._starts(n, d, loss), key=lambda s: s[0])
     best = None
     for _, start in starts[:3]:
         result = minimize(
@@ -416,34 +573,31 @@ def fit_scaling_law(
         )
         if best is None or result.fun < best.fun:
             best = result
-    a, b, e, alpha, beta = best.x
-    law = ScalingLaw(math.exp(e), math.exp(a), math.exp(b), float(alpha), float(beta))
-    residuals = np.log(law.loss(n, d)) - log_l
+    fitted = law._from_theta(best.x)
+    residuals = np.log(fitted.loss(n, d)) - log_l
     return ScalingFit(
-        law, residuals, float(np.sqrt(np.mean(residuals**2))), float(np.abs(residuals).max())
+        fitted, residuals, float(np.sqrt(np.mean(residuals**2))), float(np.abs(residuals).max())
     )
 
 
-# The numbers a fit reports, in `ScalingSpread`: the law's five and the compute-optimal exponent.
-SCALING_QUANTITIES = ("E", "A", "B", "alpha", "beta", "n_exponent")
 # Below this fraction of the loss a part of the law is not measured by the runs: an E that small
-# is the fit's floor gone to 0 (log E running off to -inf); a term A/N^alpha or B/D^beta that
-# changes by less over the runs (or by less than the fit's rms residual) is not seen by them.
+# is the fit's floor gone to 0 (log E running off to -inf); a term that changes the loss by less
+# over the runs (or by less than the fit's rms residual) is not seen by them.
 _UNSEEN = 1e-3
 
 
 @dataclass(frozen=True)
 class ScalingSpread:
-    """How tightly a set of runs pins down each number of a fitted `ScalingLaw`.
+    """How tightly a set of runs pins down each number of a fitted law.
 
-    `fit` is the fit to all runs; `samples[q]` the quantity q (one of `SCALING_QUANTITIES`) of
+    `fit` is the fit to all runs; `samples[q]` the quantity q (one of the law's `QUANTITIES`) of
     each refit on a bootstrap resample of the runs; `intervals[q]` their 16th and 84th percentiles
     (a 68% interval: +-1 sigma were the spread normal); `relative_spread[q]` how far the interval
     reaches from the full fit's value, over |value|. q is `identified` when that is at most
-    `rel_tol`, when (for E) the fit has not put the floor at 0, and when (for A, alpha, B, beta)
-    its term changes the loss over the runs by more than 0.1% and more than the rms residual: a
-    term the runs do not see has no spread, since its refits never move it, yet says nothing.
-    n_exponent = beta / (alpha + beta) needs both terms seen.
+    `rel_tol`, when (for E) the fit has not put the floor at 0, and when the part of the law it
+    belongs to (the N-part or the D-part) changes the loss over the runs by more than 0.1% and
+    more than the rms residual: a term the runs do not see has no spread, since its refits never
+    move it, yet says nothing. The compute-optimal exponent n_exponent needs both parts seen.
     """
 
     fit: ScalingFit
@@ -457,18 +611,25 @@ class ScalingSpread:
         """Quantity `name` of the fit to all runs."""
         return float(getattr(self.fit.law, name))
 
+    def refits(self) -> list[ScalingLaw | CoupledScalingLaw]:
+        """The law of every bootstrap refit."""
+        kind = type(self.fit.law)
+        names = [f.name for f in dataclasses.fields(kind)]
+        return [kind(*row) for row in zip(*(self.samples[q] for q in names), strict=True)]
+
 
 def bootstrap_scaling_law(
     n_params: Sequence[float],
     tokens: Sequence[float],
     losses: Sequence[float],
     *,
+    law: type = ScalingLaw,
     resamples: int = 200,
     seed: int = 0,
     rel_tol: float = 0.25,
     huber_delta: float = 1e-3,
 ) -> ScalingSpread:
-    """`fit_scaling_law` on all runs, then on `resamples` resamples of the runs drawn with
+    """`fit_scaling_law` of `law` on all runs, then on `resamples` resamples of the runs drawn with
     replacement (a bootstrap over runs, seeded by `seed`): the spread of the refits says which
     numbers the runs identify (`ScalingSpread`).
 
@@ -478,7 +639,7 @@ def bootstrap_scaling_law(
     long way, a well-determined one little. The refits use the same grid of starts as the fit, so
     a resample that admits two fits may land on either: that is part of the spread.
     """
-    fit = fit_scaling_law(n_params, tokens, losses, huber_delta=huber_delta)  # checks the runs
+    fit = fit_scaling_law(n_params, tokens, losses, law=law, huber_delta=huber_delta)
     resamples = int(require_positive(resamples, "resamples", integer=True))
     if resamples < 20:
         raise InputError(f"percentiles of {resamples} refits mean little; use at least 20")
@@ -486,30 +647,21 @@ def bootstrap_scaling_law(
         raise InputError(f"rel_tol must be a fraction in (0, 1), got {rel_tol!r}")
     n, d, loss = (np.asarray(v, dtype=float) for v in (n_params, tokens, losses))
     rng = np.random.default_rng(seed)
+    quantities = law.QUANTITIES
     rows = []
     for _ in range(resamples):
         pick = rng.integers(0, len(n), len(n))
-        refit = fit_scaling_law(n[pick], d[pick], loss[pick], huber_delta=huber_delta).law
-        rows.append([getattr(refit, q) for q in SCALING_QUANTITIES])
+        refit = fit_scaling_law(n[pick], d[pick], loss[pick], law=law, huber_delta=huber_delta)
+        rows.append([getattr(refit.law, q) for q in quantities])
     table = np.array(rows)
-    law, unseen = fit.law, max(_UNSEEN, fit.rms)
-    seen_n = np.ptp(law.A / n**law.alpha / loss) > unseen  # each term's change over the runs,
-    seen_d = np.ptp(law.B / d**law.beta / loss) > unseen  # relative to the loss
-    seen = {
-        "E": law.E >= _UNSEEN * loss.min(),
-        "A": seen_n,
-        "alpha": seen_n,
-        "B": seen_d,
-        "beta": seen_d,
-        "n_exponent": seen_n and seen_d,
-    }
+    seen = fit.law._seen(n, d, loss, max(_UNSEEN, fit.rms))
     samples, intervals, relative = {}, {}, {}
-    for column, q in zip(table.T, SCALING_QUANTITIES, strict=True):
+    for column, q in zip(table.T, quantities, strict=True):
         low, high = np.percentile(column, [16, 84])
-        value = float(getattr(law, q))
+        value = float(getattr(fit.law, q))
         samples[q] = column
         intervals[q] = (float(low), float(high))
         reach = max(high - value, value - low)
         relative[q] = float(reach / abs(value)) if value != 0 else math.inf
-    identified = {q: relative[q] <= rel_tol and bool(seen[q]) for q in SCALING_QUANTITIES}
+    identified = {q: relative[q] <= rel_tol and bool(seen[q]) for q in quantities}
     return ScalingSpread(fit, samples, intervals, relative, identified, rel_tol)

@@ -179,7 +179,7 @@ def noisy(losses, sigma=0.002, seed=0):
 def test_bootstrap_of_noise_free_runs_has_no_spread():
     """Runs exactly on a law: every resample's refit is the law (the 68% intervals sit on it)."""
     spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, KNOWN.loss(GRID_N, GRID_D), resamples=40)
-    for q in compute.SCALING_QUANTITIES:
+    for q in compute.ScalingLaw.QUANTITIES:
         low, high = spread.intervals[q]
         assert low == pytest.approx(getattr(KNOWN, q), rel=1e-5), q
         assert high == pytest.approx(getattr(KNOWN, q), rel=1e-5), q
@@ -192,7 +192,7 @@ def test_bootstrap_of_noisy_runs_brackets_the_true_law():
     true value lies within the interval widened by its own width on each side."""
     losses = noisy(KNOWN.loss(GRID_N, GRID_D))
     spread = compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, resamples=40, seed=1)
-    for q in compute.SCALING_QUANTITIES:
+    for q in compute.ScalingLaw.QUANTITIES:
         low, high = spread.intervals[q]
         assert low <= spread.value(q) <= high, q
         assert spread.relative_spread[q] < 0.1, q
@@ -240,3 +240,76 @@ def test_bootstrap_refuses_bad_input():
             compute.bootstrap_scaling_law(GRID_N, GRID_D, losses, rel_tol=bad)
     with pytest.raises(InputError, match="one length"):
         compute.bootstrap_scaling_law(GRID_N, GRID_D[:-1], losses)
+
+
+COUPLED = compute.CoupledScalingLaw(N_c=1e6, D_c=1e7, alpha_N=0.2, alpha_D=0.3)
+
+
+def test_coupled_law_by_hand():
+    """Kaplan's form at one point, and its two limits: (N_c/N)^alpha_N without the D-term and
+    (D_c/D)^alpha_D without the N-term."""
+    r = 0.2 / 0.3
+    assert COUPLED.loss(1e4, 1e6) == pytest.approx((100**r + 10) ** 0.3, rel=1e-14)
+    assert COUPLED.loss(1e4, 1e300) == pytest.approx(100**0.2, rel=1e-12)
+    assert COUPLED.loss(1e300, 1e6) == pytest.approx(10**0.3, rel=1e-12)
+    assert COUPLED.n_exponent == pytest.approx(0.3 / 0.5, rel=1e-15)
+
+
+def test_fit_recovers_a_coupled_law_from_noise_free_runs():
+    """Runs generated from a known coupled law: the fit returns its four numbers to 1e-6, and the
+    additive law, whose D-term is the same for every size, cannot follow them."""
+    losses = COUPLED.loss(GRID_N, GRID_D)
+    fit = compute.fit_scaling_law(GRID_N, GRID_D, losses, law=compute.CoupledScalingLaw)
+    assert isinstance(fit.law, compute.CoupledScalingLaw)
+    for name in ("N_c", "D_c", "alpha_N", "alpha_D"):
+        assert getattr(fit.law, name) == pytest.approx(getattr(COUPLED, name), rel=1e-6), name
+    assert fit.rms < 1e-9
+    assert compute.fit_scaling_law(GRID_N, GRID_D, losses).rms > 1e-3
+
+
+def test_bootstrap_of_a_noisy_coupled_law_brackets_the_truth():
+    """0.2% noise on runs from a known coupled law: the exponents and the compute-optimal exponent
+    are identified, and each true value lies within its 68% interval widened by its own width."""
+    losses = noisy(COUPLED.loss(GRID_N, GRID_D))
+    spread = compute.bootstrap_scaling_law(
+        GRID_N, GRID_D, losses, law=compute.CoupledScalingLaw, resamples=20, seed=1
+    )
+    assert set(spread.intervals) == set(compute.CoupledScalingLaw.QUANTITIES)
+    for q in compute.CoupledScalingLaw.QUANTITIES:
+        low, high = spread.intervals[q]
+        assert low <= spread.value(q) <= high, q
+        assert low - (high - low) <= getattr(COUPLED, q) <= high + (high - low), q
+    for q in ("alpha_N", "alpha_D", "n_exponent"):
+        assert spread.identified[q], q
+    assert all(isinstance(w, compute.CoupledScalingLaw) for w in spread.refits())
+
+
+def test_coupled_compute_optimal_against_a_grid_and_the_closed_form():
+    """N_opt found numerically against a brute-force grid of L(N, C/6N) and the closed form
+    N^(r+1) = r N_c^r C / (6 D_c); its growth with C is C^n_exponent."""
+    r = COUPLED.alpha_N / COUPLED.alpha_D
+    for budget in (1e12, 1e18):
+        n_opt, d_opt = COUPLED.compute_optimal(budget)
+        assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-12)
+        grid = np.logspace(math.log10(n_opt) - 2, math.log10(n_opt) + 2, 40001)
+        best = grid[np.argmin(COUPLED.loss(grid, budget / (6 * grid)))]
+        assert best == pytest.approx(n_opt, rel=1e-3)
+        closed = (r * COUPLED.N_c**r * budget / (6 * COUPLED.D_c)) ** (1 / (r + 1))
+        assert n_opt == pytest.approx(closed, rel=1e-6)
+    slope = math.log(COUPLED.compute_optimal(1e18)[0] / COUPLED.compute_optimal(1e12)[0]) / 6
+    assert slope / math.log(10) == pytest.approx(COUPLED.n_exponent, rel=1e-6)
+
+
+def test_coupled_law_refuses_bad_input():
+    with pytest.raises(InputError, match="flops"):
+        COUPLED.compute_optimal(-1.0)
+    with pytest.raises(InputError, match="no compute-optimal split"):
+        dataclasses.replace(COUPLED, alpha_N=0.0).compute_optimal(1e18)
+    with pytest.raises(InputTypeError, match="law must be one of"):
+        compute.fit_scaling_law(GRID_N, GRID_D, COUPLED.loss(GRID_N, GRID_D), law=dict)
+    with pytest.raises(InputError, match="at least 6"):
+        compute.fit_scaling_law([1, 2, 3], [1, 2, 3], [3, 2, 1], law=compute.CoupledScalingLaw)
+    with pytest.raises(InputError, match="> 0"):
+        compute.bootstrap_scaling_law(
+            GRID_N, GRID_D, -np.ones(15), law=compute.CoupledScalingLaw, resamples=20
+        )
