@@ -55,7 +55,8 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_default_config_file_is_the_main_job():
     config = load_config(REPO / "configs/train/shakespeare_char.yaml")
-    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (4, 4, 128)
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (6, 4, 104)
+    assert (config.model.positions, config.model.bias) == ("rotary", False)
     assert (config.model.block_size, config.batch_size, config.max_iters) == (64, 12, 2000)
     assert config.data.tokenizer == "char" and config.model.dropout == 0.0
 
@@ -342,7 +343,7 @@ def test_resume_after_a_kill_that_left_empty_or_torn_logs(finished_run, tmp_path
     (run_dir / "metrics.csv").write_text("")
     evals = run_dir / "evals.csv"
     evals.write_text(evals.read_text() + "20,3.1")  # no newline: torn mid-write
-    config = load_config(None, [*TINY, f"out_dir={run_dir}", "max_iters=20"])
+    config = tiny(tmp_path, "max_iters=20")  # the copy in tmp_path / "run", finished_run's model
     Trainer(config, progress=False).fit()
     steps, evaluations = read_metrics(run_dir)
     assert [int(r["step"]) for r in steps] == list(range(11, 21))
