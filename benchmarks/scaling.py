@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "mfu": main_mfu,
         }
         print(
-            f"main job (809,856 parameters): {per_token:,} FLOPs per token, median "
-            f"{tokens_per_s:,.0f} tokens/s over {MAIN_JOB_STEPS - 5} steps -> "
+            f"main job ({trainer.model.num_parameters():,} parameters): {per_token:,} FLOPs per "
+            f"token, median {tokens_per_s:,.0f} tokens/s over {MAIN_JOB_STEPS - 5} steps -> "
             f"{per_token * tokens_per_s / 1e9:.2f} GFLOP/s, MFU {main_mfu:.1%}"
         )
         runs = []
