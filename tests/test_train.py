@@ -55,8 +55,8 @@ def losses(run_dir: Path) -> list[float]:
 
 def test_default_config_file_is_the_main_job():
     config = load_config(REPO / "configs/train/shakespeare_char.yaml")
-    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (6, 4, 104)
-    assert (config.model.positions, config.model.bias) == ("rotary", False)
+    assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (4, 4, 128)
+    assert (config.model.positions, config.model.bias) == ("learned", True)
     assert (config.model.block_size, config.batch_size, config.max_iters) == (64, 12, 2000)
     assert config.data.tokenizer == "char" and config.model.dropout == 0.0
 
