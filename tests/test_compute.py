@@ -131,15 +131,22 @@ def test_fit_recovers_chinchilla_at_its_own_scale():
         assert getattr(fit.law, name) == pytest.approx(getattr(compute.CHINCHILLA, name), rel=1e-4)
 
 
+def optimum_and_brute_force(law, budget, *, decades):
+    """`law.compute_optimal(budget)`'s N (checked to spend the whole budget) and the N of least
+    L(N, C / 6N) on a fine grid `decades` either side of it."""
+    n_opt, d_opt = law.compute_optimal(budget)
+    assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-12)
+    center = math.log10(n_opt)
+    grid = np.logspace(center - decades, center + decades, 20000 * decades + 1)
+    return n_opt, grid[np.argmin(law.loss(grid, budget / (6 * grid)))]
+
+
 def test_compute_optimal_minimises_the_loss_on_the_budget():
     """N_opt from the closed form against a brute-force search of L(N, C / 6N) over N; and
     Chinchilla's law gives about 20 tokens per parameter at Chinchilla's own budget (5.76e23)."""
     law = compute.CHINCHILLA
     for budget in (1e18, 5.76e23):
-        n_opt, d_opt = law.compute_optimal(budget)
-        assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-12)
-        grid = np.logspace(math.log10(n_opt) - 1, math.log10(n_opt) + 1, 20001)
-        best = grid[np.argmin(law.loss(grid, budget / (6 * grid)))]
+        n_opt, best = optimum_and_brute_force(law, budget, decades=1)
         assert best == pytest.approx(n_opt, rel=1e-3)
     n_opt, d_opt = law.compute_optimal(5.76e23)
     assert 15 < d_opt / n_opt < 100  # tokens per parameter: tens, not Kaplan's ~1
@@ -289,10 +296,7 @@ def test_coupled_compute_optimal_against_a_grid_and_the_closed_form():
     N^(r+1) = r N_c^r C / (6 D_c); its growth with C is C^n_exponent."""
     r = COUPLED.alpha_N / COUPLED.alpha_D
     for budget in (1e12, 1e18):
-        n_opt, d_opt = COUPLED.compute_optimal(budget)
-        assert 6 * n_opt * d_opt == pytest.approx(budget, rel=1e-12)
-        grid = np.logspace(math.log10(n_opt) - 2, math.log10(n_opt) + 2, 40001)
-        best = grid[np.argmin(COUPLED.loss(grid, budget / (6 * grid)))]
+        n_opt, best = optimum_and_brute_force(COUPLED, budget, decades=2)
         assert best == pytest.approx(n_opt, rel=1e-3)
         closed = (r * COUPLED.N_c**r * budget / (6 * COUPLED.D_c)) ** (1 / (r + 1))
         assert n_opt == pytest.approx(closed, rel=1e-6)
