@@ -109,13 +109,13 @@ def _command(run_dir: Path, config: str, *extra: str, job: Path = GPT_JOB) -> li
 
 
 def _launch(
-    run_dir: Path, config: str, *extra: str, job: Path = GPT_JOB
+    run_dir: Path, config: str, *extra: str, job: Path = GPT_JOB, warnings: str = "ignore"
 ) -> subprocess.CompletedProcess:
     run = subprocess.run(
         _command(run_dir, config, *extra, job=job),
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": warnings},
         cwd=REPO,
         timeout=600,
     )
@@ -150,47 +150,76 @@ def single_process(tmp_path_factory):
 
 # fp32 losses of ZeRO 0-3 agree with the single process to float32 rounding (measured <= 5e-7).
 PARITY = 1e-5
+# Runs that need no launcher of their own, each (DeepSpeed config, overrides). Activation
+# checkpointing configures deepspeed.checkpointing for the whole process: it runs last.
+IN_TURN = {
+    "zero0": ("zero0.json", ()),
+    "zero1": ("zero1.json", ()),
+    "zero3": ("zero3.json", ()),
+    "accumulated": ("zero2.json", ("batch_size=2", "grad_accum=2", "optim.grad_clip=0.05")),
+    "activation checkpointing": ("zero2_activation_checkpointing.json", ()),
+}
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_zero_stages_match_the_single_process_trainer(stage, tmp_path, single_process):
-    _launch(tmp_path / "ds", f"zero{stage}.json")
-    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
-    # Evaluated on the same global rows (each rank its half), the evaluations agree too.
-    assert _evals(tmp_path / "ds") == pytest.approx(single_process["plain evals"], abs=PARITY)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_the_engine_joins_a_process_group_started_before_it(tmp_path, single_process):
-    """Ranks that `minillm.parallel.launch` started (their process group already up, as chapter
-    09 runs several DeepSpeed runs in two processes) train as the launcher's ranks do. The
-    mistake it catches: building the engine without joining DeepSpeed's communication layer,
-    whose config parser then counts one rank and refuses train_batch_size 8 (4 x 1 x 1)."""
+@pytest.fixture(scope="module")
+def in_turn_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """The runs of IN_TURN one after another in one launch of two processes, which share one
+    start-up (about 20 s of importing DeepSpeed per launch here), started by
+    `minillm.parallel.launch` as chapter 09 starts them: their process group is up before the
+    engine is built, which must join it (an engine that did not would count one rank and refuse
+    train_batch_size 8). Each run's folder and what rank 0 printed."""
     from functools import partial
 
     from minillm.engines import deepspeed_engine
-    from minillm.parallel.launch import launch
+    from minillm.parallel.launch import in_turn, launch
     from minillm.train import train_worker
 
-    config = train_config(f"out_dir={tmp_path / 'launched'}")
-    engine = partial(deepspeed_engine, ds_config=ds_config.load_config(CONFIGS / "zero2.json"))
-    losses = launch(train_worker, 2, config, engine, echo=False)[0]
-    assert losses == pytest.approx(single_process["plain"], abs=PARITY), (
-        f"expected the single process's losses {single_process['plain']}, got {losses}"
-    )
+    folder = tmp_path_factory.mktemp("in_turn")
+    calls = [
+        (
+            train_worker,
+            (
+                train_config(*extra, f"out_dir={folder / name}"),
+                partial(deepspeed_engine, ds_config=ds_config.load_config(CONFIGS / config)),
+            ),
+        )
+        for name, (config, extra) in IN_TURN.items()
+    ]
+    rank0 = launch(in_turn, 2, calls, echo=False, timeout_s=600)[0]
+    return {
+        name: (folder / name, printed) for name, (_, printed) in zip(IN_TURN, rank0, strict=True)
+    }
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_accumulation_and_clipping_match_the_trainer(tmp_path, single_process):
+@pytest.mark.xdist_group("ds_in_turn")
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_zero_stages_match_the_single_process_trainer(stage, in_turn_runs, single_process):
+    run_dir, _ = in_turn_runs[f"zero{stage}"]
+    assert _losses(run_dir) == pytest.approx(single_process["plain"], abs=PARITY)
+    # Evaluated on the same global rows (each rank its half), the evaluations agree too.
+    assert _evals(run_dir) == pytest.approx(single_process["plain evals"], abs=PARITY)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.xdist_group("ds_in_turn")
+def test_accumulation_and_clipping_match_the_trainer(in_turn_runs, single_process):
     """2 ranks x 2 micro-batches of 2 sequences, clipped at 0.05."""
-    _launch(tmp_path / "ds", "zero2.json", "batch_size=2", "grad_accum=2", "optim.grad_clip=0.05")
-    assert _losses(tmp_path / "ds") == pytest.approx(single_process["accumulated"], abs=PARITY)
-    norms = [r["grad_norm"] for r in read_metrics(tmp_path / "ds")[0]]
+    run_dir, _ = in_turn_runs["accumulated"]
+    assert _losses(run_dir) == pytest.approx(single_process["accumulated"], abs=PARITY)
+    norms = [r["grad_norm"] for r in read_metrics(run_dir)[0]]
     assert min(norms) > 0.05  # every step's norm was above the limit, so every step was clipped
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.xdist_group("ds_in_turn")
+def test_deepspeed_activation_checkpointing_matches(in_turn_runs, single_process):
+    run_dir, printed = in_turn_runs["activation checkpointing"]
+    assert "1 block(s) recomputed in backward by deepspeed.checkpointing" in printed
+    assert _losses(run_dir) == pytest.approx(single_process["plain"], abs=PARITY)
 
 
 @pytest.mark.multiprocess
@@ -207,17 +236,29 @@ def test_cpu_offload_trains_and_matches(tmp_path, single_process, monkeypatch):
     assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
 
 
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> tuple[Path, str]:
+    """A ZeRO-2 run launched as a user launches it (`minillm train --deepspeed`): its folder and
+    what it printed; the uninterrupted run that a killed one must end as, too."""
+    run_dir = tmp_path_factory.mktemp("zero2") / "ds"
+    return run_dir, _launch(run_dir, "zero2.json").stdout
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # three launches: 175 s alone, over 300 s on a shared 2-core machine
-@pytest.mark.parametrize("stage", [2, 3])
-def test_killed_zero_run_resumes_where_an_uninterrupted_one_ends(stage, tmp_path):
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.xdist_group("ds_zero2")), 3])
+def test_killed_zero_run_resumes_where_an_uninterrupted_one_ends(stage, tmp_path, request):
     import signal
     import time
 
     config = f"zero{stage}.json"
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _launch(whole, config)
+    killed = tmp_path / "killed"
+    if stage == 2:
+        whole = request.getfixturevalue("zero2_run")[0]
+    else:
+        whole = tmp_path / "whole"
+        _launch(whole, config)
     process = subprocess.Popen(
         _command(killed, config),
         cwd=REPO,
@@ -242,13 +283,14 @@ def test_killed_zero_run_resumes_where_an_uninterrupted_one_ends(stage, tmp_path
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.xdist_group("ds_zero2")
 def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_checkpoint(
-    tmp_path, single_process
+    zero2_run, single_process
 ):
-    run = _launch(tmp_path / "ds", "zero2.json")
-    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)
-    live_sample = run.stdout.split("--- sample ---\n", 1)[1]  # printed by rank 0's live model
-    model, tokenizer = load_for_sampling(tmp_path / "ds")
+    run_dir, printed = zero2_run
+    assert _losses(run_dir) == pytest.approx(single_process["plain"], abs=PARITY)
+    live_sample = printed.split("--- sample ---\n", 1)[1]  # printed by rank 0's live model
+    model, tokenizer = load_for_sampling(run_dir)
     config = train_config()
     exported = generate_text(
         model, tokenizer, config.sample_prompt, config.sample_tokens, seed=config.seed
@@ -321,8 +363,10 @@ def test_two_stage_pipeline_matches_the_single_process_model(tmp_path):
     two_blocks = ("model.n_layer=2",)
     single = Trainer(train_config(*two_blocks, f"out_dir={tmp_path / 'single'}"), progress=False)
     single_result = single.fit()
-    run = _launch(tmp_path / "pipe", "pipeline2.json", *two_blocks)
+    run = _launch(tmp_path / "pipe", "pipeline2.json", *two_blocks, warnings="default")
     assert "stage=1 layers=" in run.stdout  # DeepSpeed's own partition report: really 2 stages
+    # The user sees no autograd warning about DeepSpeed's broadcast of the tied embedding.
+    assert "c10d::broadcast_" not in run.stderr
     assert _losses(tmp_path / "pipe") == pytest.approx(_losses(single_result.run_dir), abs=PARITY)
     evals = read_metrics(tmp_path / "pipe")[1]
     assert [r["val_loss"] for r in evals] == pytest.approx(
@@ -341,11 +385,3 @@ def test_two_stage_pipeline_matches_the_single_process_model(tmp_path):
     again = _launch(tmp_path / "pipe", "pipeline2.json", *two_blocks)
     assert "resuming from" in again.stdout
     assert again.stdout.split("--- sample ---\n", 1)[1].startswith(single_result.sample + "\n")
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_deepspeed_activation_checkpointing_matches(tmp_path, single_process):
-    run = _launch(tmp_path / "ds", "zero2_activation_checkpointing.json")
-    assert "1 block(s) recomputed in backward by deepspeed.checkpointing" in run.stdout
-    assert _losses(tmp_path / "ds") == pytest.approx(single_process["plain"], abs=PARITY)

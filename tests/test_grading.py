@@ -282,14 +282,26 @@ def test_a_graded_test_without_points_is_refused(demo_repo, tmp_path):
     assert run.returncode != 0 and "needs @pytest.mark.points" in run.stdout + run.stderr
 
 
-def test_reference_solutions_score_full_marks(tmp_path):
-    run = _grade("--impl", "solutions", "--json", str(tmp_path / "r.json"))
+def test_the_course_grades_the_reference_solutions_of_two_chapters_with_full_marks(tmp_path):
+    """`minillm grade` on the course itself, across chapters. That every graded test passes on
+    the reference solutions is the suite's own run of tests/exercises (the same sandbox, with
+    --impl solutions, the default): grading the whole course here again would double it."""
+    run = _grade("ch01", "ch03", "--impl", "solutions", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert graded_files(REPO) and report["tests"], "no graded tests found"
     failed = [t["name"] for t in report["tests"] if t["status"] != "passed"]
     assert not failed
-    assert report["score"] == sum(t["max_score"] for t in report["tests"])
+    assert report["score"] == sum(t["max_score"] for t in report["tests"]) > 0
+    # The table: a row per chapter and the total, every test passed and every point earned.
+    rows = {
+        cells[0]: [cell.split("/") for cell in cells[1:]]
+        for cells in (line.split() for line in run.stdout.splitlines())
+        if cells and cells[0] in ("ch01", "ch03", "total")
+    }
+    assert set(rows) == {"ch01", "ch03", "total"}, run.stdout
+    assert all(done == of for cells in rows.values() for done, of in cells), run.stdout
+    tests, points = rows["total"]
+    assert int(tests[1]) == len(report["tests"]) and int(points[1]) == report["score"]
 
 
 def _exercises_untouched() -> bool:

@@ -1,11 +1,13 @@
 """The process layout and the launcher: real processes, real torch.distributed collectives."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from minillm.errors import InputError
-from minillm.parallel.launch import LaunchError, launch
+from minillm.parallel.launch import LaunchError, in_turn, launch
 from minillm.parallel.layout import Coords, Layout
 
 
@@ -58,6 +60,11 @@ def _fail_on_rank_1(rank, world_size):
     return rank
 
 
+def _process_id(rank, world_size, tag):
+    print(f"{tag} from rank {rank}")
+    return os.getpid()
+
+
 def _tensor_group_sums(rank, world_size):
     layout = Layout.for_world(world_size, tensor=2)
     groups = layout.new_groups(rank)
@@ -70,6 +77,20 @@ def _tensor_group_sums(rank, world_size):
 def test_launch_runs_real_processes_and_collects_results(capsys):
     assert launch(_all_reduce_rank, 2) == [3.0, 3.0]
     assert "[rank 1] sum is 3" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_in_turn_runs_the_calls_one_after_another_in_the_same_processes():
+    calls = [(_process_id, ("first",)), (_all_reduce_rank, ()), (_process_id, ("last",))]
+    ranks = launch(in_turn, 2, calls, echo=False)
+    for rank, ((pid, first), (total, summed), (same_pid, last)) in enumerate(ranks):
+        assert (first, summed, last) == (
+            f"first from rank {rank}\n",
+            "sum is 3\n",
+            f"last from rank {rank}\n",
+        )
+        assert total == 3.0 and same_pid == pid != os.getpid()
+    assert ranks[0][0][0] != ranks[1][0][0]  # one process per rank
 
 
 @pytest.mark.multiprocess

@@ -139,3 +139,16 @@ def launch(
     if failure:
         raise LaunchError(failure)
     return [results[rank] for rank in range(world_size)]
+
+
+def in_turn(rank: int, world_size: int, calls: list[tuple[Callable[..., Any], tuple]]) -> list:
+    """For `launch`: several runs in the same processes, which then share one start-up (a fresh
+    Python importing torch, and DeepSpeed where a run uses it, costs more than a small run).
+    Calls `fn(rank, world_size, *args)` for each `(fn, args)` of `calls`, one after another, and
+    returns `(result, printed)` for each: its result and what it printed."""
+    done = []
+    for fn, args in calls:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            result = fn(rank, world_size, *args)
+        done.append((result, printed.getvalue()))
+    return done
