@@ -26,17 +26,10 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import pandas as pd
-from nltk.stem import LancasterStemmer, PorterStemmer, SnowballStemmer, WordNetLemmatizer
-from nltk.tokenize import (
-    NLTKWordTokenizer,
-    RegexpTokenizer,
-    TreebankWordTokenizer,
-    WordPunctTokenizer,
-)
 from scipy.ndimage import gaussian_filter1d
 
 from minillm.errors import (
@@ -410,17 +403,48 @@ def normalize_text(
 # into sentences with the punkt model; without punkt, the Treebank-style tokenizers split off a
 # period only at the very end of the text, so give them one sentence at a time.
 WORD_TOKENIZERS = {
-    "nltk": NLTKWordTokenizer().tokenize,  # Treebank rules, improved (quotes, dashes)
-    "treebank": TreebankWordTokenizer().tokenize,  # Penn Treebank: "doesn't" -> "does", "n't"
-    "wordpunct": WordPunctTokenizer().tokenize,  # runs of letters/digits, runs of the rest
-    "words": RegexpTokenizer(r"\w+(?:['’]\w+)*").tokenize,  # words only, punctuation dropped
+    "nltk": "Treebank rules, improved (quotes, dashes)",
+    "treebank": 'Penn Treebank: "doesn\'t" -> "does", "n\'t"',
+    "wordpunct": "runs of letters/digits, runs of the rest",
+    "words": "words only, punctuation dropped",
 }
 
 STEMMERS = {
-    "porter": PorterStemmer(),
-    "snowball": SnowballStemmer("english"),  # "Porter2": Porter's own revision
-    "lancaster": LancasterStemmer(),  # the most aggressive
+    "porter": "Porter's rules (1980)",
+    "snowball": '"Porter2": Porter\'s own revision',
+    "lancaster": "the most aggressive",
 }
+
+
+# NLTK takes longer to import than the rest of this module (1.5 s here): it is imported on first
+# use, so that a grade or a notebook that needs no tokenizer does not wait for it.
+@cache
+def _word_tokenizer(method: str):
+    from nltk.tokenize import (
+        NLTKWordTokenizer,
+        RegexpTokenizer,
+        TreebankWordTokenizer,
+        WordPunctTokenizer,
+    )
+
+    if method == "words":
+        return RegexpTokenizer(r"\w+(?:['’]\w+)*").tokenize
+    tokenizer = {
+        "nltk": NLTKWordTokenizer,
+        "treebank": TreebankWordTokenizer,
+        "wordpunct": WordPunctTokenizer,
+    }
+    return tokenizer[method]().tokenize
+
+
+@cache
+def _stemmer(algorithm: str):
+    from nltk.stem import LancasterStemmer, PorterStemmer, SnowballStemmer
+
+    if algorithm == "snowball":
+        return SnowballStemmer("english")
+    return {"porter": PorterStemmer, "lancaster": LancasterStemmer}[algorithm]()
+
 
 # WordNet's parts of speech: noun, verb, adjective, satellite adjective, adverb.
 WORDNET_POS = ("n", "v", "a", "s", "r")
@@ -441,7 +465,7 @@ def tokenize_words(text: str, method: str = "nltk") -> list[str]:
     require_text(text)
     if method not in WORD_TOKENIZERS:
         raise unknown_name("tokenizer", method, WORD_TOKENIZERS)
-    return WORD_TOKENIZERS[method](text)
+    return _word_tokenizer(method)(text)
 
 
 def stem(tokens: Sequence[str], algorithm: str = "porter") -> list[str]:
@@ -450,7 +474,7 @@ def stem(tokens: Sequence[str], algorithm: str = "porter") -> list[str]:
     tokens = _require_text_list(tokens, "tokens")
     if algorithm not in STEMMERS:
         raise unknown_name("stemmer", algorithm, STEMMERS)
-    stemmer = STEMMERS[algorithm]
+    stemmer = _stemmer(algorithm)
     return [stemmer.stem(token) for token in tokens]
 
 
@@ -515,6 +539,8 @@ def lemmatize(tokens: Sequence[str], pos: str | Sequence[str] | None = None) -> 
             if tag not in WORDNET_POS:
                 raise unknown_name("part of speech", tag, WORDNET_POS)
     require_wordnet()
+    from nltk.stem import WordNetLemmatizer
+
     lemmatizer = WordNetLemmatizer()
     return [lemmatizer.lemmatize(token, tag) for token, tag in zip(tokens, tags, strict=True)]
 

@@ -111,6 +111,10 @@ class _Judge:
             "minillm.grading.plugin",
             "-p",
             "no:cacheprovider",
+            # Hypothesis's plugin imports Hypothesis (2 s of every grade's start-up); `@given`
+            # works without it, and no graded test uses it today.
+            "-p",
+            "no:hypothesispytest",
             "-q",
             "--no-header",
             "-rN",
