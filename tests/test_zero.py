@@ -1,9 +1,6 @@
 """ZeRO stages 0-3 from scratch in two real processes (gloo), against one process with AdamW on
 the global batch, the byte formula, and a real DeepSpeed ZeRO-2 run of the same Trainer config."""
 
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from minillm.errors import InputError
 from minillm.memory import STATE_PARTS, model_state_bytes
 from minillm.model import GPT, GPTConfig
 from minillm.parallel import zero
-from minillm.parallel.launch import launch
+from minillm.parallel.launch import in_turn, launch
 from minillm.train import train_worker
 from minillm.train_config import load_config
 
@@ -69,40 +66,28 @@ def test_every_stage_matches_one_process_and_holds_what_the_formula_says():
     assert census[3]["parameters"] * 2 == census[2]["parameters"]
 
 
-def _deepspeed_losses(out_dir: Path) -> list[float]:
-    from minillm.train import read_metrics
-
-    overrides = [*TINY, f"out_dir={out_dir}"]
-    command = [
-        sys.executable,
-        "-m",
-        "minillm.cli",
-        "train",
-        "--deepspeed",
-        str(REPO / "configs/deepspeed/zero2.json"),
-        "--nproc",
-        "2",
-        *[a for o in overrides for a in ("--set", o)],
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return [row["loss"] for row in read_metrics(out_dir)[0]]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_our_zero2_and_zero3_match_deepspeed_zero2_under_the_trainer(tmp_path):
-    expected = _deepspeed_losses(tmp_path / "ds")
-    assert len(expected) == 8
-    for stage in (2, 3):
-        config = load_config(
-            REPO / "configs/train/shakespeare_char.yaml",
-            [*TINY, f"out_dir={tmp_path / str(stage)}"],
+    """The same Trainer config with DeepSpeed's ZeRO-2 and with ours at stages 2 and 3, one
+    after another in the same two processes (one start-up for the three)."""
+    from minillm.engines import deepspeed_engine, ds_config
+
+    def config(name: str):
+        return load_config(
+            REPO / "configs/train/shakespeare_char.yaml", [*TINY, f"out_dir={tmp_path / name}"]
         )
-        ours = launch(train_worker, 2, config, partial(ZeroEngine, stage=stage), echo=False)[0]
+
+    deepspeed_zero2 = ds_config.load_config(REPO / "configs/deepspeed/zero2.json")
+    calls = [
+        (train_worker, (config("deepspeed"), partial(deepspeed_engine, ds_config=deepspeed_zero2))),
+        *((train_worker, (config(f"ours{s}"), partial(ZeroEngine, stage=s))) for s in (2, 3)),
+    ]
+    (expected, _), *ours = launch(in_turn, 2, calls, echo=False, timeout_s=600)[0]
+    assert len(expected) == 8
+    for stage, (losses, _) in zip((2, 3), ours, strict=True):
         # Both clip at the config's grad_clip=1.0 and follow the Trainer's schedule.
-        assert ours == pytest.approx(expected, abs=1e-5), stage
+        assert losses == pytest.approx(expected, abs=1e-5), stage
 
 
 # -- correct on every model: frozen, tied, unused, float64; any optimizer; resume ---------------
@@ -324,8 +309,12 @@ def test_killed_zero_engine_run_resumes_exactly(stage, tmp_path):
         return load_config(None, [*TINY, "checkpoint_interval=4", f"out_dir={tmp_path / name}"])
 
     engine = partial(ZeroEngine, stage=stage)
-    whole = launch(train_worker, 2, config("whole"), engine, echo=False)[0]
-    launch(crashing_worker, 2, config("killed"), stage, 7, echo=False)
+    # The uninterrupted run and the crashed one share a launch; the resumed run starts afresh.
+    calls = [
+        (train_worker, (config("whole"), engine)),
+        (crashing_worker, (config("killed"), stage, 7)),
+    ]
+    (whole, _), _ = launch(in_turn, 2, calls, echo=False)[0]
     resumed = launch(train_worker, 2, config("killed"), engine, echo=False)[0]
     assert len(whole) == 8 and resumed == whole  # bitwise: weights, AdamW slices, schedule, data
     with pytest.raises(LaunchError, match="saved by 2 ZeRO ranks; resume it with 2 processes"):
