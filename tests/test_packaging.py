@@ -4,6 +4,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +44,16 @@ def test_dependencies_are_ranges_never_exact_pins():
     for name, spec in _pyproject().items():
         assert spec.startswith(">="), f"{name}{spec}: use a lower bound, not a pin"
         assert "==" not in spec
+
+
+@pytest.mark.xdist_group("grouping_check")
+def test_xdist_keeps_the_suites_groups_together(request):
+    """Under `./course test` (`--dist loadgroup`) a group's tests run on one worker: the chapters
+    one after another, and the DeepSpeed runs that several tests share once. With pytest 9.2,
+    xdist dropped the groups without a word (pytest-dev/pytest-xdist#1386), and the suite ran the
+    chapters side by side and each shared run once per worker."""
+    if getattr(request.config.option, "loadgroup", False):  # set in the workers of --dist loadgroup
+        assert request.node.nodeid.endswith("@grouping_check"), (
+            f"xdist did not receive this test's group ({request.node.nodeid}): the installed "
+            "pytest and pytest-xdist do not group tests"
+        )
