@@ -7,7 +7,13 @@ import torch
 import torch.distributed as dist
 
 from minillm.errors import InputError
-from minillm.parallel.launch import LaunchError, in_turn, launch
+from minillm.parallel.launch import (
+    SHARED_MEMORY,
+    LaunchError,
+    in_turn,
+    launch,
+    remove_allreduce_buffers,
+)
 from minillm.parallel.layout import Coords, Layout
 
 
@@ -65,6 +71,17 @@ def _process_id(rank, world_size, tag):
     return os.getpid()
 
 
+def _leave_an_allreduce_buffer(rank, world_size):
+    """What DeepSpeed's CPU all-reduce does in each rank: a shared-memory file named after the
+    job's address and port, never removed."""
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+        f"{os.environ['MASTER_PORT']}_{rank}"
+    )
+    (SHARED_MEMORY / name).write_bytes(b"\0" * 64)
+    return name
+
+
 def _tensor_group_sums(rank, world_size):
     layout = Layout.for_world(world_size, tensor=2)
     groups = layout.new_groups(rank)
@@ -91,6 +108,31 @@ def test_in_turn_runs_the_calls_one_after_another_in_the_same_processes():
         )
         assert total == 3.0 and same_pid == pid != os.getpid()
     assert ranks[0][0][0] != ranks[1][0][0]  # one process per rank
+
+
+def test_only_the_jobs_own_allreduce_buffers_are_removed(tmp_path):
+    uid = os.getuid()
+    names = {
+        "mine": [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29512_{r}" for r in (0, 1)],
+        "another port": [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_295120_0"],
+        "a port that ends like mine": [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_129512_0"],
+        "another user": [f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_29512_0"],
+        "not DeepSpeed's": ["sem.mp-29512"],
+    }
+    for group in names.values():
+        for name in group:
+            (tmp_path / name).write_bytes(b"x")
+    assert remove_allreduce_buffers(29512, tmp_path) == 2
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {name for key, group in names.items() if key != "mine" for name in group}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not SHARED_MEMORY.is_dir(), reason="no /dev/shm on this system (not Linux)")
+def test_launch_removes_the_allreduce_buffers_its_ranks_leave():
+    names = launch(_leave_an_allreduce_buffer, 2, echo=False)
+    assert len(set(names)) == 2
+    assert not [name for name in names if (SHARED_MEMORY / name).exists()]
 
 
 @pytest.mark.multiprocess

@@ -21,7 +21,7 @@ from torch import nn
 from minillm import checkpoint, data, rundir
 from minillm.engines.common import lr_schedule, mean_over_ranks, rebuild_model, shard_pair
 from minillm.engines.ds_config import prepare_config
-from minillm.parallel.launch import free_port
+from minillm.parallel.launch import free_port, remove_allreduce_buffers
 from minillm.train_config import TrainConfig
 
 
@@ -37,19 +37,23 @@ def launch(nproc: int, ds_config: dict, train: TrainConfig, argv: list[str]) -> 
     rundir.check_free(Path(train.out_dir))  # another run there: refused before any rank starts
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the launcher leaves it unset: 2-25x slower steps
+    port = free_port()  # a free one, not the fixed default that another run may hold
     command = [
         sys.executable,
         "-m",
         "deepspeed.launcher.runner",
-        "--master_port",  # a free one, not the fixed default that another run may hold
-        str(free_port()),
+        "--master_port",
+        str(port),
         "--num_gpus",
         str(nproc),
         "--module",
         "minillm.cli",
         *argv,
     ]
-    return subprocess.call(command, env=env)
+    try:
+        return subprocess.call(command, env=env)
+    finally:
+        remove_allreduce_buffers(port)
 
 
 class DeepSpeedTrainEngine:

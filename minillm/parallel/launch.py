@@ -20,6 +20,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from minillm.errors import MiniLLMError, require_positive
@@ -33,6 +34,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def remove_allreduce_buffers(port: int, folder: Path = SHARED_MEMORY) -> int:
+    """Remove the shared-memory files of DeepSpeed's CPU all-reduce for the job whose master port
+    was `port`. Each rank creates one (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>)
+    and none is ever unlinked, on a normal exit or a crash: run after run they would fill the
+    machine's memory. Returns how many were removed."""
+    removed = 0
+    for path in folder.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def default_backend() -> str:
@@ -131,6 +147,9 @@ def launch(
         process.join(timeout=5 if failure is None else 0.1)
         if process.is_alive():
             process.kill()
+    for process in processes:
+        process.join(timeout=5)  # killed ranks must be gone before their files are removed
+    remove_allreduce_buffers(port)
     if echo:
         for rank in sorted(outputs):
             for line in outputs[rank].splitlines():
