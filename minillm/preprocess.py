@@ -19,6 +19,7 @@ shape (n,) -> (n,). Text functions take and return `str`. Bad input raises a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import re
 import unicodedata
@@ -402,48 +403,29 @@ def normalize_text(
 # None of these needs a downloaded model. `nltk.word_tokenize` is "nltk" after splitting the text
 # into sentences with the punkt model; without punkt, the Treebank-style tokenizers split off a
 # period only at the very end of the text, so give them one sentence at a time.
+# name -> (the NLTK class, its arguments). NLTK takes longer to import than the rest of this
+# module (1.5 s here), so the objects are built on first use (`_nltk`): a grade or a notebook that
+# needs no tokenizer does not wait for it.
 WORD_TOKENIZERS = {
-    "nltk": "Treebank rules, improved (quotes, dashes)",
-    "treebank": 'Penn Treebank: "doesn\'t" -> "does", "n\'t"',
-    "wordpunct": "runs of letters/digits, runs of the rest",
-    "words": "words only, punctuation dropped",
+    "nltk": ("nltk.tokenize.NLTKWordTokenizer", ()),  # Treebank rules, improved (quotes, dashes)
+    "treebank": ("nltk.tokenize.TreebankWordTokenizer", ()),  # "doesn't" -> "does", "n't"
+    "wordpunct": ("nltk.tokenize.WordPunctTokenizer", ()),  # runs of letters/digits, of the rest
+    "words": ("nltk.tokenize.RegexpTokenizer", (r"\w+(?:['’]\w+)*",)),  # punctuation dropped
 }
 
 STEMMERS = {
-    "porter": "Porter's rules (1980)",
-    "snowball": '"Porter2": Porter\'s own revision',
-    "lancaster": "the most aggressive",
+    "porter": ("nltk.stem.PorterStemmer", ()),
+    "snowball": ("nltk.stem.SnowballStemmer", ("english",)),  # "Porter2": Porter's own revision
+    "lancaster": ("nltk.stem.LancasterStemmer", ()),  # the most aggressive
 }
 
 
-# NLTK takes longer to import than the rest of this module (1.5 s here): it is imported on first
-# use, so that a grade or a notebook that needs no tokenizer does not wait for it.
 @cache
-def _word_tokenizer(method: str):
-    from nltk.tokenize import (
-        NLTKWordTokenizer,
-        RegexpTokenizer,
-        TreebankWordTokenizer,
-        WordPunctTokenizer,
-    )
-
-    if method == "words":
-        return RegexpTokenizer(r"\w+(?:['’]\w+)*").tokenize
-    tokenizer = {
-        "nltk": NLTKWordTokenizer,
-        "treebank": TreebankWordTokenizer,
-        "wordpunct": WordPunctTokenizer,
-    }
-    return tokenizer[method]().tokenize
-
-
-@cache
-def _stemmer(algorithm: str):
-    from nltk.stem import LancasterStemmer, PorterStemmer, SnowballStemmer
-
-    if algorithm == "snowball":
-        return SnowballStemmer("english")
-    return {"porter": PorterStemmer, "lancaster": LancasterStemmer}[algorithm]()
+def _nltk(spec: tuple[str, tuple]):
+    """The NLTK object that `spec` (a value of WORD_TOKENIZERS or STEMMERS) names, built once."""
+    dotted, args = spec
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(*args)
 
 
 # WordNet's parts of speech: noun, verb, adjective, satellite adjective, adverb.
@@ -465,7 +447,7 @@ def tokenize_words(text: str, method: str = "nltk") -> list[str]:
     require_text(text)
     if method not in WORD_TOKENIZERS:
         raise unknown_name("tokenizer", method, WORD_TOKENIZERS)
-    return _word_tokenizer(method)(text)
+    return _nltk(WORD_TOKENIZERS[method]).tokenize(text)
 
 
 def stem(tokens: Sequence[str], algorithm: str = "porter") -> list[str]:
@@ -474,7 +456,7 @@ def stem(tokens: Sequence[str], algorithm: str = "porter") -> list[str]:
     tokens = _require_text_list(tokens, "tokens")
     if algorithm not in STEMMERS:
         raise unknown_name("stemmer", algorithm, STEMMERS)
-    stemmer = _stemmer(algorithm)
+    stemmer = _nltk(STEMMERS[algorithm])
     return [stemmer.stem(token) for token in tokens]
 
 

@@ -289,6 +289,7 @@ def test_the_course_grades_the_reference_solutions_of_two_chapters_with_full_mar
     run = _grade("ch01", "ch03", "--impl", "solutions", "--json", str(tmp_path / "r.json"))
     assert run.returncode == 0, run.stderr
     report = json.loads((tmp_path / "r.json").read_text())
+    assert graded_files(REPO) and report["tests"], "no graded tests found"
     failed = [t["name"] for t in report["tests"] if t["status"] != "passed"]
     assert not failed
     assert report["score"] == sum(t["max_score"] for t in report["tests"]) > 0

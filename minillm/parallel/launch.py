@@ -147,8 +147,7 @@ def launch(
         process.join(timeout=5 if failure is None else 0.1)
         if process.is_alive():
             process.kill()
-    for process in processes:
-        process.join(timeout=5)  # killed ranks must be gone before their files are removed
+            process.join(timeout=5)  # gone before its files are removed
     remove_allreduce_buffers(port)
     if echo:
         for rank in sorted(outputs):
