@@ -4,6 +4,8 @@ oversized bytes are refused with CodecError, never executed or half-built."""
 
 import math
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +180,21 @@ def test_values_too_deep_to_send_are_refused():
         deep = [deep]
     with pytest.raises(codec.CodecError):
         codec.encode(deep, _kept)
+
+
+def test_a_worker_without_torch_answers_without_importing_it():
+    """Chapter 01's worker has only numpy ready (WORKER_IMPORTS): sending its answers back and
+    copying its arguments must not import torch, which would add 3 s to every test."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from minillm.grading import codec, worker\n"
+        "value = [1, (2.5, 'x'), {'a': np.arange(3)}, {3}, np.float32(1), None]\n"
+        "assert codec.decode(codec.encode(value, None))[2]['a'].tolist() == [0, 1, 2]\n"
+        "assert worker._state(value)[2]['a'] is value[2]['a']\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+    # Where torch is loaded its tensors still travel as tensors.
+    assert torch.equal(roundtrip([torch.arange(3)])[0], torch.arange(3))

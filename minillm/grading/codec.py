@@ -11,6 +11,7 @@ type (or a numpy/torch array built from raw bytes).
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,11 +160,12 @@ class _Encoder:
         self._blob(a.tobytes())
 
     def _is_tensor(self, v) -> bool:
-        self.torch = self.torch or _torch()
-        return isinstance(v, self.torch.Tensor)
+        # Where torch was never imported nothing is a tensor, and importing it takes seconds.
+        self.torch = self.torch or sys.modules.get("torch")
+        return self.torch is not None and isinstance(v, self.torch.Tensor)
 
     def _is_dtype(self, v) -> bool:
-        return isinstance(v, self.torch.dtype)
+        return self.torch is not None and isinstance(v, self.torch.dtype)
 
     def _tensor(self, t) -> None:
         torch = self.torch

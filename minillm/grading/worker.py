@@ -208,15 +208,16 @@ def _state(value, depth: int = 0):
     their gradients), arrays, and the parameters of modules, so that a function that changes
     its arguments in place is seen doing so."""
     import numpy as np
-    import torch
 
+    # Where torch was never imported no argument holds a tensor, and importing it takes seconds.
+    torch = sys.modules.get("torch")
     if depth > 8:
         return None
-    if isinstance(value, torch.Tensor):
+    if torch is not None and isinstance(value, torch.Tensor):
         return (value, value.grad)
     if isinstance(value, np.ndarray):
         return value
-    if isinstance(value, torch.nn.Module):
+    if torch is not None and isinstance(value, torch.nn.Module):
         return {name: (p, p.grad) for name, p in value.named_parameters()}
     if isinstance(value, (list, tuple)):
         return [_state(v, depth + 1) for v in value]

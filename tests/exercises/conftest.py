@@ -3,13 +3,15 @@ only through the `impl` fixture: `impl("ch01_preprocessing")` imports that modul
 implementation (exercises/ or solutions/) in a fresh sandboxed worker process and returns a
 proxy to it, so this process (which decides pass or fail) never runs student code. A test file
 may declare `OFF_LIMITS = {"exercise_function": ("library.function", ...)}`: calling one of those
-from that exercise fails the test (see minillm.grading.remote and minillm.grading.worker)."""
+from that exercise fails the test (see minillm.grading.remote and minillm.grading.worker). It may
+also declare `WORKER_IMPORTS`, the libraries its exercises import (default: remote.PREIMPORTS,
+which covers every chapter): the worker gets them already imported."""
 
 import os
 
 import pytest
 
-from minillm.grading.remote import DEFAULT_MEMORY_MB, Sandbox
+from minillm.grading.remote import DEFAULT_MEMORY_MB, PREIMPORTS, Sandbox
 
 # A hanging student function costs only its own test.
 GRADED_TEST_TIMEOUT_S = 60
@@ -46,18 +48,22 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.timeout(item.stash[_LIMIT] + JUDGE_MARGIN_S), append=False)
     if graded and _SANDBOX not in config.stash:
         # Started now, so the zygote imports its libraries while the first test gets ready.
+        modules = {item.module for item in graded}
         off_limits = {
             name
-            for item in graded
-            for names in getattr(item.module, "OFF_LIMITS", {}).values()
+            for module in modules
+            for names in getattr(module, "OFF_LIMITS", {}).values()
             for name in names
+        }
+        worker_imports = {
+            name for module in modules for name in getattr(module, "WORKER_IMPORTS", PREIMPORTS)
         }
         package = config.getoption("--impl")
         config.stash[_SANDBOX] = Sandbox(
             config.rootpath,
             package,
             memory_mb=int(os.environ.get("MINILLM_GRADE_MEMORY_MB", DEFAULT_MEMORY_MB)),
-            preimports=sorted(off_limits),
+            preimports=sorted(worker_imports | off_limits),
             blocked=() if package == "solutions" else ("solutions",),
         )
 
