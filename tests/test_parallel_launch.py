@@ -1,6 +1,7 @@
 """The process layout and the launcher: real processes, real torch.distributed collectives."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -71,6 +72,10 @@ def _process_id(rank, world_size, tag):
     return os.getpid()
 
 
+def _what_the_rank_sees(rank, world_size, name):
+    return os.environ.get(name), os.getcwd(), os.getppid(), os.getpid()
+
+
 def _leave_an_allreduce_buffer(rank, world_size):
     """What DeepSpeed's CPU all-reduce does in each rank: a shared-memory file named after the
     job's address and port, never removed."""
@@ -94,6 +99,27 @@ def _tensor_group_sums(rank, world_size):
 def test_launch_runs_real_processes_and_collects_results(capsys):
     assert launch(_all_reduce_rank, 2) == [3.0, 3.0]
     assert "[rank 1] sum is 3" in capsys.readouterr().out
+
+
+@pytest.mark.multiprocess
+def test_each_launch_starts_fresh_ranks_with_the_callers_environment_and_folder(
+    tmp_path, monkeypatch
+):
+    """On Linux the ranks are forked from a server started at the first launch (it has imported
+    torch once), not spawned: they must still see the caller's environment and working folder as
+    they are at each launch, as spawned processes would, and be new processes every time."""
+    name = "MINILLM_TEST_LAUNCH_VALUE"
+    monkeypatch.delenv(name, raising=False)
+    first = launch(_what_the_rank_sees, 2, name, echo=False)
+    monkeypatch.setenv(name, "set after the first launch")
+    monkeypatch.chdir(tmp_path)
+    second = launch(_what_the_rank_sees, 2, name, echo=False)
+    assert [r[0] for r in first] == [None, None]
+    assert [r[:2] for r in second] == [("set after the first launch", str(tmp_path))] * 2
+    pids = {r[3] for r in first + second}
+    assert len(pids) == 4 and os.getpid() not in pids
+    if sys.platform == "linux":  # forked from the same server, which is not this process
+        assert len({r[2] for r in first + second}) == 1 and first[0][2] != os.getpid()
 
 
 @pytest.mark.multiprocess
