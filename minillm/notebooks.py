@@ -392,16 +392,20 @@ def _without_machine_paths(nb, pairs: list[tuple[str, str]]) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time of process `pid`, of the children it has waited for and of those still running."""
+    """CPU time of process `pid` and of every process below it: each one's own time and that of
+    the children it has waited for. A process still running counts its waited-for children too:
+    `launch`'s ranks are forked from a server that waits for them and lives on."""
     import psutil
+
+    def used(process) -> float:
+        t = process.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
 
     try:
         process = psutil.Process(pid)
-        t = process.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
+        total = used(process)
         for child in process.children(recursive=True):
-            with_child = child.cpu_times()
-            total += with_child.user + with_child.system
+            total += used(child)
     except psutil.Error:
         return 0.0
     return total
