@@ -72,8 +72,8 @@ def _process_id(rank, world_size, tag):
     return os.getpid()
 
 
-def _what_the_rank_sees(rank, world_size, name):
-    return os.environ.get(name), os.getcwd(), os.getppid(), os.getpid()
+def _what_the_rank_sees(rank, world_size, names):
+    return tuple(os.environ.get(n) for n in names), os.getcwd(), os.getppid(), os.getpid()
 
 
 def _leave_an_allreduce_buffer(rank, world_size):
@@ -105,21 +105,30 @@ def test_launch_runs_real_processes_and_collects_results(capsys):
 def test_each_launch_starts_fresh_ranks_with_the_callers_environment_and_folder(
     tmp_path, monkeypatch
 ):
-    """On Linux the ranks are forked from a server started at the first launch (it has imported
-    torch once), not spawned: they must still see the caller's environment and working folder as
-    they are at each launch, as spawned processes would, and be new processes every time."""
-    name = "MINILLM_TEST_LAUNCH_VALUE"
-    monkeypatch.delenv(name, raising=False)
-    first = launch(_what_the_rank_sees, 2, name, echo=False)
-    monkeypatch.setenv(name, "set after the first launch")
+    """On Linux the ranks are forked from a server that has imported torch once, not spawned:
+    they must still see the caller's environment and working folder as they are at each launch,
+    as spawned processes would, and be new processes every time. What the server imported read
+    the environment it started with, so a changed environment gets a new server."""
+    kept, dropped = "MINILLM_TEST_LAUNCH_KEPT", "MINILLM_TEST_LAUNCH_DROPPED"
+    monkeypatch.delenv(kept, raising=False)
+    monkeypatch.setenv(dropped, "set for the first launch only")
+    first = launch(_what_the_rank_sees, 2, (kept, dropped), echo=False)
+    monkeypatch.setenv(kept, "set after the first launch")
+    monkeypatch.delenv(dropped)
     monkeypatch.chdir(tmp_path)
-    second = launch(_what_the_rank_sees, 2, name, echo=False)
-    assert [r[0] for r in first] == [None, None]
-    assert [r[:2] for r in second] == [("set after the first launch", str(tmp_path))] * 2
-    pids = {r[3] for r in first + second}
-    assert len(pids) == 4 and os.getpid() not in pids
-    if sys.platform == "linux":  # forked from the same server, which is not this process
-        assert len({r[2] for r in first + second}) == 1 and first[0][2] != os.getpid()
+    second = launch(_what_the_rank_sees, 2, (kept, dropped), echo=False)
+    third = launch(_what_the_rank_sees, 2, (kept, dropped), echo=False)
+    assert [r[0] for r in first] == [(None, "set for the first launch only")] * 2
+    assert [r[:2] for r in second + third] == [
+        (("set after the first launch", None), str(tmp_path))
+    ] * 4
+    pids = {r[3] for r in first + second + third}
+    assert len(pids) == 6 and os.getpid() not in pids
+    if sys.platform == "linux":
+        servers = [{r[2] for r in run} for run in (first, second, third)]
+        assert all(len(s) == 1 for s in servers) and os.getpid() not in servers[0]
+        assert servers[1] != servers[0], "the environment changed: a new server"
+        assert servers[2] == servers[1], "the same environment: the same server"
 
 
 @pytest.mark.multiprocess

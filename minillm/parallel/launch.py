@@ -68,24 +68,36 @@ def device_for(rank: int):
     return torch.device("cpu")
 
 
+_server_environment: dict[str, str] | None = None
+
+
 def _start_method():
     """A rank starts from a fresh interpreter, never a copy of the caller (its CUDA state, its
     threads, a notebook's objects). On Linux the ranks are forked from one such interpreter that
-    has imported torch already (forkserver), started at the first launch and kept for the
-    caller's lifetime: importing torch costs each spawned rank seconds of CPU, more than many a
-    small run. Elsewhere they are spawned."""
-    if sys.platform == "linux" and "forkserver" in mp.get_all_start_methods():
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "torch.distributed"])
-        return context
-    return mp.get_context("spawn")
+    has imported torch already (forkserver), kept for the caller's lifetime: importing torch
+    costs each spawned rank seconds of CPU, more than many a small run. Elsewhere they are
+    spawned. The ranks of one launch share Python's string-hash seed, as forked processes do."""
+    global _server_environment
+    if sys.platform != "linux" or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    from multiprocessing import forkserver
+
+    environment = dict(os.environ)
+    if _server_environment not in (None, environment):
+        # The server, and what it imported, read the environment it started with
+        # (torch.distributed reads TORCH_DISTRIBUTED_DEBUG at import): a changed one needs a
+        # new server, as a spawned rank would start with it.
+        stop = getattr(forkserver._forkserver, "_stop", None)
+        if stop is None:
+            return mp.get_context("spawn")
+        stop()
+    _server_environment = environment
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed"])
+    return context
 
 
-def _worker(rank, world_size, port, backend, fn, args, queue, environment) -> None:
-    # The caller's environment now, as a spawned rank would have it (a forked one has the
-    # environment of the caller when the server started).
-    os.environ.clear()
-    os.environ.update(environment)
+def _worker(rank, world_size, port, backend, fn, args, queue) -> None:
     import torch
     import torch.distributed as dist
 
@@ -127,12 +139,9 @@ def launch(
     context = _start_method()
     queue = context.SimpleQueue()
     port = free_port()
-    environment = dict(os.environ)
     processes = [
         context.Process(
-            target=_worker,
-            args=(rank, world_size, port, backend, fn, args, queue, environment),
-            daemon=True,
+            target=_worker, args=(rank, world_size, port, backend, fn, args, queue), daemon=True
         )
         for rank in range(world_size)
     ]
