@@ -27,6 +27,13 @@ def _setup_nltk(args) -> int:
     return 0
 
 
+def _setup_deepspeed(args) -> int:
+    from minillm.env import build_deepspeed_ops
+
+    print(build_deepspeed_ops())
+    return 0
+
+
 def _data(args) -> int:
     from minillm import data
 
@@ -221,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true", help="skip nltk.download; use Debian's packages"
     )
     p.set_defaults(run=_setup_nltk)
+
+    p = sub.add_parser(
+        "setup-deepspeed",
+        help="compile now the DeepSpeed op every multi-process run on a CPU loads (once, 1-2 min)",
+    )
+    p.set_defaults(run=_setup_deepspeed)
 
     p = sub.add_parser("data", help="list, download or locate the course corpora")
     p.add_argument("action", choices=["list", "download", "path"])

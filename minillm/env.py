@@ -8,8 +8,11 @@ import io
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
+
+from minillm.errors import MiniLLMError
 
 OK, NOTE, FIX = "OK", "NOTE", "FIX"
 
@@ -39,15 +42,53 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _jit_built(op: str) -> bool:
-    """True when torch's extension cache already holds the compiled op (so no JIT wait)."""
+def _extensions_root() -> str:
+    """Where torch's JIT cache keeps compiled ops, as torch.utils.cpp_extension chooses it:
+    TORCH_EXTENSIONS_DIR itself when set, else a folder per Python and build under its default."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    folder = os.path.join(root, f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}", op)
-    return os.path.isfile(os.path.join(folder, f"{op}.so"))
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(get_default_build_root(), f"{python}_{flavour}")
+
+
+def _jit_built(op: str) -> bool:
+    """True when torch's extension cache already holds the compiled op (so no JIT wait)."""
+    return os.path.isfile(os.path.join(_extensions_root(), op, f"{op}.so"))
+
+
+def build_deepspeed_ops() -> str:
+    """`minillm setup-deepspeed`: compile now the op DeepSpeed loads in every multi-process run on
+    a CPU (its shared-memory all-reduce, a minute or two of compiling), so that the first such run,
+    a chapter 09 cell or a test, does not wait for it. Returns what it did, in one line."""
+    if _version("deepspeed") is None:
+        return "DeepSpeed is not installed: nothing to build"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        # The same test DeepSpeed makes before loading it (deepspeed.comm.torch.build_shm_op).
+        builder = accelerator.create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return f"nothing to build: DeepSpeed's {accelerator._name} accelerator does not use it"
+        start = time.monotonic()
+        try:
+            builder.load(verbose=False)
+        except Exception as error:  # noqa: BLE001 - a failed build raises many kinds
+            raise MiniLLMError(
+                f"DeepSpeed could not compile its {builder.NAME} op ({type(error).__name__}: "
+                f"{error}). It needs a C++ compiler and ninja: on Debian or Ubuntu run "
+                "`apt-get install g++`, then `./course setup` again."
+            ) from error
+    seconds = time.monotonic() - start
+    return f"DeepSpeed's {builder.NAME} op is ready ({seconds:.0f} s; cache {_extensions_root()})"
 
 
 def check_python() -> Check:
@@ -122,9 +163,10 @@ def check_deepspeed() -> list[Check]:
             elif installed_ops.get(op) or _jit_built(op):
                 checks.append(Check(f"  {op}", OK, f"built; {use}"))
             else:
-                checks.append(
-                    Check(f"  {op}", NOTE, f"compiles on first use (1-2 min, cached after); {use}")
-                )
+                when = "first use (1-2 min, cached after"
+                if op == "deepspeed_shm_comm":
+                    when += "; `minillm setup-deepspeed` compiles it now"
+                checks.append(Check(f"  {op}", NOTE, f"compiles on {when}); {use}"))
     if accelerator._name == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         checks.append(
             Check(

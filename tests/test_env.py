@@ -1,6 +1,7 @@
 """`minillm env`: one line per check, each OK or saying what to do."""
 
 import hashlib
+import os
 
 from minillm import data
 from minillm.env import FIX, NOTE, OK, check_data, environment_report, format_report
@@ -51,3 +52,40 @@ def test_format_report_ends_with_a_verdict():
     report = format_report(environment_report())
     assert report.splitlines()[0].startswith("[  OK] python")
     assert report.splitlines()[-1] == "all set" or "to fix" in report.splitlines()[-1]
+
+
+def test_the_op_cache_is_where_torch_puts_it(monkeypatch, tmp_path):
+    from minillm.env import _jit_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _jit_built("deepspeed_shm_comm")
+    # With TORCH_EXTENSIONS_DIR set, torch builds an op in a folder of its name right under it.
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert _jit_built("deepspeed_shm_comm")
+
+
+def test_setup_deepspeed_leaves_the_op_built_so_the_first_run_waits_for_nothing(capsys):
+    from minillm.cli import main
+
+    assert main(["setup-deepspeed"]) == 0
+    assert "deepspeed_shm_comm op is ready" in capsys.readouterr().out
+    line = {c.name.strip(): c for c in environment_report()}["deepspeed_shm_comm"]
+    assert line.status == OK and line.detail.startswith("built"), line.line()
+
+
+def test_setup_deepspeed_without_a_compiler_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "minillm.cli", "setup-deepspeed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "could not compile its deepspeed_shm_comm op" in done.stderr
+    assert "apt-get install g++" in done.stderr
