@@ -118,17 +118,22 @@ def test_each_launch_starts_fresh_ranks_with_the_callers_environment_and_folder(
     monkeypatch.chdir(tmp_path)
     second = launch(_what_the_rank_sees, 2, (kept, dropped), echo=False)
     third = launch(_what_the_rank_sees, 2, (kept, dropped), echo=False)
+    # pytest sets PYTEST_CURRENT_TEST anew for every test: it alone keeps the server.
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "the next test (call)")
+    fourth = launch(_what_the_rank_sees, 2, (kept, "PYTEST_CURRENT_TEST"), echo=False)
     assert [r[0] for r in first] == [(None, "set for the first launch only")] * 2
     assert [r[:2] for r in second + third] == [
         (("set after the first launch", None), str(tmp_path))
     ] * 4
-    pids = {r[3] for r in first + second + third}
-    assert len(pids) == 6 and os.getpid() not in pids
+    assert [r[0] for r in fourth] == [("set after the first launch", "the next test (call)")] * 2
+    pids = {r[3] for r in first + second + third + fourth}
+    assert len(pids) == 8 and os.getpid() not in pids
     if sys.platform == "linux":
-        servers = [{r[2] for r in run} for run in (first, second, third)]
+        servers = [{r[2] for r in run} for run in (first, second, third, fourth)]
         assert all(len(s) == 1 for s in servers) and os.getpid() not in servers[0]
         assert servers[1] != servers[0], "the environment changed: a new server"
         assert servers[2] == servers[1], "the same environment: the same server"
+        assert servers[3] == servers[2], "only the test runner's variable changed"
 
 
 @pytest.mark.multiprocess

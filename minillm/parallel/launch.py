@@ -69,6 +69,9 @@ def device_for(rank: int):
 
 
 _server_environment: dict[str, str] | None = None
+# Set anew for every call by a test runner (pytest at each phase of each test), read by nothing
+# at import: a change in them alone keeps the server. The ranks see their current values anyway.
+_PER_CALL_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
 
 
 def _start_method():
@@ -82,7 +85,7 @@ def _start_method():
         return mp.get_context("spawn")
     from multiprocessing import forkserver
 
-    environment = dict(os.environ)
+    environment = {k: v for k, v in os.environ.items() if k not in _PER_CALL_VARIABLES}
     if _server_environment not in (None, environment):
         # The server, and what it imported, read the environment it started with
         # (torch.distributed reads TORCH_DISTRIBUTED_DEBUG at import): a changed one needs a
@@ -93,14 +96,19 @@ def _start_method():
         stop()
     _server_environment = environment
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torch.distributed"])
+    # torch._dynamo too: every torch optimizer's constructor imports it (torch._disable_dynamo),
+    # over two seconds of CPU in each rank otherwise.
+    context.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
     return context
 
 
-def _worker(rank, world_size, port, backend, fn, args, queue) -> None:
+def _worker(rank, world_size, port, backend, fn, args, queue, environment) -> None:
     import torch
     import torch.distributed as dist
 
+    # The caller's environment as it is now, also where the server was started with another.
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -141,7 +149,9 @@ def launch(
     port = free_port()
     processes = [
         context.Process(
-            target=_worker, args=(rank, world_size, port, backend, fn, args, queue), daemon=True
+            target=_worker,
+            args=(rank, world_size, port, backend, fn, args, queue, dict(os.environ)),
+            daemon=True,
         )
         for rank in range(world_size)
     ]
