@@ -112,9 +112,12 @@ class _Judge:
             "-p",
             "no:cacheprovider",
             # Hypothesis's plugin imports Hypothesis (2 s of every grade's start-up); `@given`
-            # works without it, and no graded test uses it today.
+            # works without it, and no graded test uses it today. AnyIO's imports trio (almost
+            # 1 s), for async tests, which no graded test is.
             "-p",
             "no:hypothesispytest",
+            "-p",
+            "no:anyio",
             "-q",
             "--no-header",
             "-rN",

@@ -119,9 +119,8 @@ class _ToWorker(pickle.Pickler):
     """Pickles arguments with their gradients, which plain pickling of tensors drops."""
 
     def reducer_override(self, obj):
-        import torch
-
-        if isinstance(obj, torch.Tensor) and obj.is_leaf and obj.grad is not None:
+        torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.is_leaf and obj.grad is not None:
             copy = obj.detach()
             if isinstance(obj, torch.nn.Parameter):
                 copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
