@@ -136,6 +136,20 @@ def test_each_launch_starts_fresh_ranks_with_the_callers_environment_and_folder(
         assert servers[3] == servers[2], "only the test runner's variable changed"
 
 
+def _has_dynamo(rank, world_size):
+    return "torch._dynamo" in sys.modules
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(sys.platform != "linux", reason="ranks are spawned, not forked, elsewhere")
+def test_ranks_of_a_caller_with_torch_dynamo_have_it_imported_already():
+    """Every torch optimizer's constructor imports torch._dynamo, seconds of CPU: ranks of a
+    caller that has it are forked from a server that imported it once."""
+    import torch._dynamo  # noqa: F401 - what the caller has, the ranks get
+
+    assert launch(_has_dynamo, 2, echo=False) == [True, True]
+
+
 @pytest.mark.multiprocess
 def test_in_turn_runs_the_calls_one_after_another_in_the_same_processes():
     calls = [(_process_id, ("first",)), (_all_reduce_rank, ()), (_process_id, ("last",))]

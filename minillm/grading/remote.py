@@ -120,7 +120,8 @@ class _ToWorker(pickle.Pickler):
 
     def reducer_override(self, obj):
         torch = sys.modules.get("torch")  # no tensor exists before torch is imported
-        if torch is not None and isinstance(obj, torch.Tensor) and obj.is_leaf and obj.grad is not None:
+        tensor = torch is not None and isinstance(obj, torch.Tensor)
+        if tensor and obj.is_leaf and obj.grad is not None:
             copy = obj.detach()
             if isinstance(obj, torch.nn.Parameter):
                 copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)

@@ -68,7 +68,7 @@ def device_for(rank: int):
     return torch.device("cpu")
 
 
-_server_environment: dict[str, str] | None = None
+_server_started_with: tuple[dict[str, str], list[str]] | None = None
 # Set anew for every call by a test runner (pytest at each phase of each test), read by nothing
 # at import: a change in them alone keeps the server. The ranks see their current values anyway.
 _PER_CALL_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
@@ -80,25 +80,30 @@ def _start_method():
     has imported torch already (forkserver), kept for the caller's lifetime: importing torch
     costs each spawned rank seconds of CPU, more than many a small run. Elsewhere they are
     spawned. The ranks of one launch share Python's string-hash seed, as forked processes do."""
-    global _server_environment
+    global _server_started_with
     if sys.platform != "linux" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     from multiprocessing import forkserver
 
     environment = {k: v for k, v in os.environ.items() if k not in _PER_CALL_VARIABLES}
-    if _server_environment not in (None, environment):
+    preload = ["torch", "torch.distributed"]
+    # torch._dynamo too once the caller has it: every torch optimizer's constructor imports it
+    # (torch._disable_dynamo), over 2 s of CPU in each rank. A caller without it, such as a
+    # grader's worker, mostly launches ranks that build none, and a server importing it costs
+    # as much.
+    if "torch._dynamo" in sys.modules:
+        preload.append("torch._dynamo")
+    if _server_started_with not in (None, (environment, preload)):
         # The server, and what it imported, read the environment it started with
         # (torch.distributed reads TORCH_DISTRIBUTED_DEBUG at import): a changed one needs a
-        # new server, as a spawned rank would start with it.
+        # new server, as a spawned rank would start with it; so does a longer preload list.
         stop = getattr(forkserver._forkserver, "_stop", None)
         if stop is None:
             return mp.get_context("spawn")
         stop()
-    _server_environment = environment
+    _server_started_with = (environment, preload)
     context = mp.get_context("forkserver")
-    # torch._dynamo too: every torch optimizer's constructor imports it (torch._disable_dynamo),
-    # over two seconds of CPU in each rank otherwise.
-    context.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
+    context.set_forkserver_preload(preload)
     return context
 
 
