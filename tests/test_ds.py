@@ -306,6 +306,56 @@ def test_zero2_matches_the_single_process_trainer_and_exports_a_sampleable_check
     assert live_sample.startswith(exported + "\n")
 
 
+class _Payload:
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.xdist_group("ds_zero2")
+def test_deepspeed_resume_never_runs_a_payload_in_its_files(zero2_run, tmp_path):
+    """A real ZeRO-2 checkpoint: every file DeepSpeed wrote reads back weights-only; a payload
+    put into its model-states file, with the manifest rewritten to match (an attacker who can
+    write the folder), is refused on resume and never runs."""
+    import json
+    import shutil
+
+    from minillm import checkpoint
+    from minillm.engines.deepspeed import load_file_weights_only
+
+    run_dir = Path(shutil.copytree(zero2_run[0], tmp_path / "run"))
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    shards = sorted(ckpt.glob("*.pt"))
+    assert any("optim_states" in p.name for p in shards)
+    for shard in shards:
+        load_file_weights_only(shard)  # DeepSpeed's real files need no unpickling of code
+
+    marker = tmp_path / "PWNED"
+    _Payload.marker = marker
+    states = ckpt / "mp_rank_00_model_states.pt"
+    original = torch.load(states, weights_only=False)  # the test's own file: trusted here
+    torch.save({**original, "client_state_payload": _Payload()}, states)
+    with pytest.raises(checkpoint.CheckpointError, match="is not a DeepSpeed checkpoint file"):
+        load_file_weights_only(states)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    checkpoint.write_manifest(ckpt)  # the attacker also rewrote the manifest
+    assert json.loads((ckpt / checkpoint.MANIFEST).read_text()) != manifest
+    resumed = subprocess.run(
+        _command(run_dir, "zero2.json", "max_iters=20"),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=REPO,
+        timeout=600,
+    )
+    assert resumed.returncode != 0
+    assert "is not a DeepSpeed checkpoint file minillm will read" in resumed.stdout + resumed.stderr
+    assert not marker.exists(), "the payload ran"
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_the_llama_trains_under_zero3_as_one_process_does_and_samples(tmp_path):
