@@ -150,6 +150,52 @@ def test_ranks_of_a_caller_with_torch_dynamo_have_it_imported_already():
     assert launch(_has_dynamo, 2, echo=False) == [True, True]
 
 
+def _note_pid_then_wait(rank, world_size, folder):
+    import time
+
+    (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_during_a_launch_leaves_no_rank_running(tmp_path):
+    """A KeyboardInterrupt (Ctrl-C in a notebook, a test's timeout) while the ranks run stops
+    them before it reaches the caller."""
+    import signal
+    import time
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    def both_started(*_):
+        if len(list(tmp_path.glob("rank*.pid"))) == 2:
+            interrupt()
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    previous = signal.signal(signal.SIGALRM, both_started)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(_note_pid_then_wait, 2, tmp_path, echo=False, timeout_s=100)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids), "a rank outlived the interrupted launch"
+
+
 @pytest.mark.multiprocess
 def test_in_turn_runs_the_calls_one_after_another_in_the_same_processes():
     calls = [(_process_id, ("first",)), (_all_reduce_rank, ()), (_process_id, ("last",))]

@@ -160,40 +160,45 @@ def launch(
         )
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
     results: dict[int, Any] = {}
     outputs: dict[int, str] = {}
     failure = None
+    stop_at_once = True  # until every rank has answered: on an error or Ctrl-C none outlives us
     import time
 
-    deadline = time.monotonic() + timeout_s
-    while len(results) < world_size and failure is None:
-        if not queue.empty():
-            status, rank, payload, printed = pickle.loads(queue.get())
-            outputs[rank] = printed
-            if status == "ok":
-                results[rank] = payload
+    try:
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + timeout_s
+        while len(results) < world_size and failure is None:
+            if not queue.empty():
+                status, rank, payload, printed = pickle.loads(queue.get())
+                outputs[rank] = printed
+                if status == "ok":
+                    results[rank] = payload
+                else:
+                    failure = f"rank {rank} failed:\n{payload}"
+            elif time.monotonic() > deadline:
+                failure = (
+                    f"ranks {sorted(set(range(world_size)) - set(results))} did not finish "
+                    f"within {timeout_s:.0f} s"
+                )
+            elif any(p.exitcode not in (None, 0) for p in processes) and queue.empty():
+                dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                codes = [processes[r].exitcode for r in dead]
+                failure = f"rank(s) {dead} died with exit code(s) {codes}"
             else:
-                failure = f"rank {rank} failed:\n{payload}"
-        elif time.monotonic() > deadline:
-            failure = (
-                f"ranks {sorted(set(range(world_size)) - set(results))} did not finish "
-                f"within {timeout_s:.0f} s"
-            )
-        elif any(p.exitcode not in (None, 0) for p in processes) and queue.empty():
-            dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
-            failure = (
-                f"rank(s) {dead} died with exit code(s) {[processes[r].exitcode for r in dead]}"
-            )
-        else:
-            time.sleep(0.01)
-    for process in processes:
-        process.join(timeout=5 if failure is None else 0.1)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)  # gone before its files are removed
-    remove_allreduce_buffers(port)
+                time.sleep(0.01)
+        stop_at_once = failure is not None
+    finally:
+        for process in processes:
+            if process.pid is None:  # never started
+                continue
+            process.join(timeout=0.1 if stop_at_once else 5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)  # gone before its files are removed
+        remove_allreduce_buffers(port)
     if echo:
         for rank in sorted(outputs):
             for line in outputs[rank].splitlines():
