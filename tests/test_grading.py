@@ -151,6 +151,35 @@ def test_allocates_600_mb(impl):
 """
 
 
+TASKS_TESTS = """
+import pytest
+
+
+@pytest.mark.points(1)
+def test_starts_400_processes(impl):
+    assert impl("ch94_tasks").start_sleepers(400) == 400
+"""
+
+TASKS_SUBMISSION = """
+import os
+import time
+
+
+def start_sleepers(n):
+    started = 0
+    for _ in range(n):
+        try:
+            pid = os.fork()
+        except BlockingIOError:  # the task limit
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        started += 1
+    return started
+"""
+
+
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
     """A throwaway course repository with two graded chapters, using the real conftest files."""
@@ -160,11 +189,13 @@ def demo_repo(tmp_path_factory):
         shutil.copy(REPO / path, root / path)
     (root / "tests" / "exercises" / "test_ch98_demo.py").write_text(DEMO_TESTS)
     (root / "tests" / "exercises" / "test_ch97_memory.py").write_text(MEMORY_TESTS)
+    (root / "tests" / "exercises" / "test_ch94_tasks.py").write_text(TASKS_TESTS)
     for package, body in (("exercises", DEMO_STUDENT), ("solutions", DEMO_SOLUTION)):
         (root / package).mkdir()
         (root / package / "__init__.py").write_text("")
         (root / package / "ch98_demo.py").write_text(body)
         (root / package / "ch97_memory.py").write_text(DEMO_SOLUTION)
+        (root / package / "ch94_tasks.py").write_text(TASKS_SUBMISSION)
     (root / "pytest.ini").write_text(
         textwrap.dedent("""
         [pytest]
@@ -247,6 +278,19 @@ def test_the_memory_limit_is_per_test_and_configurable(demo_repo, tmp_path):
     assert roomy["score"] == 1
     _, tight = _demo(demo_repo, tmp_path, "ch97", "--memory-mb", "300")
     assert tight["score"] == 0 and "MemoryError" in tight["tests"][0]["output"]
+
+
+def test_a_submission_starts_no_more_tasks_than_the_limit_even_as_root(demo_repo, tmp_path):
+    """256 tasks (threads count) beyond what a worker holds when it starts: RLIMIT_NPROC for a
+    user, and a pids cgroup where the worker stays uid 0 (root with Landlock), which Linux
+    exempts from RLIMIT_NPROC."""
+    import re
+
+    _, report = _demo(demo_repo, tmp_path, "ch94")
+    output = report["tests"][0]["output"]
+    started = re.search(r"assert (\d+) == 400", output)
+    assert report["score"] == 0 and started, output[-2000:]
+    assert 0 < int(started.group(1)) <= 256
 
 
 def test_unknown_chapter_is_refused(demo_repo):

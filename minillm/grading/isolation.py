@@ -6,7 +6,9 @@
 - `drop_capabilities` and `become_nobody`: a worker started as root loses every capability for
   good and stays uid 0 where Landlock confines it (Python may be installed where only root can
   read, as under /root/.pyenv), or becomes `nobody` where there is no Landlock.
-- `limit_resources`: memory (address space), processes, file size, no core files.
+- `limit_resources`: memory (address space), processes, file size, no core files. Linux never
+  applies the process limit to uid 0, so a worker that stays uid 0 is limited by a pids cgroup
+  instead (`tasks_cgroup`, `join_tasks_cgroup`) where the grader can make one.
 - `become_subreaper`, `descendants` and `kill_all`: every process a worker starts, even one that
   double-forks or calls setsid(), stays below the grader's subreaper and is SIGKILLed there.
 """
@@ -191,6 +193,58 @@ def limit_resources(memory_bytes: int, extra_tasks: int, file_bytes: int, uid: i
         (resource.RLIMIT_CORE, 0),
     ):
         resource.setrlimit(which, (value, value))
+
+
+_CGROUP_V1_PIDS = Path("/sys/fs/cgroup/pids")
+_CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+def tasks_cgroup(name: str) -> Path | None:
+    """A new, empty cgroup with the pids controller for a sandbox's workers, named `name`, below
+    this process's own: in cgroup v1's pids hierarchy, or in cgroup v2's where the pids
+    controller is delegated to the children of this process's cgroup. None where this process
+    may not make one (not root, or no such hierarchy), which is the case of every user account."""
+    if os.geteuid() != 0:
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(",") and _CGROUP_V1_PIDS.is_dir():
+            parent = _CGROUP_V1_PIDS / path.lstrip("/")
+            break
+        if number == "0" and controllers == "":
+            here = _CGROUP_V2 / path.lstrip("/")
+            subtree = here / "cgroup.subtree_control"
+            if subtree.is_file() and "pids" in subtree.read_text().split():
+                parent = here
+                break
+    else:
+        return None
+    group = parent / name
+    try:
+        group.mkdir()
+    except OSError:
+        return None
+    if not (group / "pids.max").is_file():
+        group.rmdir()
+        return None
+    return group
+
+
+def join_tasks_cgroup(group: Path, extra_tasks: int) -> None:
+    """Move this process into `group` and let it hold `extra_tasks` tasks (threads count) more
+    than it holds now. Done before the capabilities go; Landlock then keeps the worker from
+    writing to the cgroup files, and so from leaving or raising the limit."""
+    (group / "cgroup.procs").write_text(str(os.getpid()))
+    current = int((group / "pids.current").read_text())
+    (group / "pids.max").write_text(str(current + extra_tasks))
+
+
+def remove_tasks_cgroup(group: Path) -> None:
+    """Remove a sandbox's cgroup once its processes are gone (the kernel refuses it before)."""
+    try:
+        group.rmdir()
+    except OSError:
+        pass
 
 
 def become_subreaper() -> None:

@@ -430,6 +430,10 @@ class Sandbox:
         self.base = Path(tempfile.mkdtemp(prefix="minillm-sandbox-"))
         self.rules = _read_paths(self.root, package)
         self.landlock = isolation.landlock_abi()
+        # Where workers stay uid 0 (root, with Landlock) only a cgroup limits their tasks.
+        self.tasks_cgroup = None
+        if os.geteuid() == 0 and self.landlock > 0:
+            self.tasks_cgroup = isolation.tasks_cgroup(self.base.name)
         self.count = 0
         self.zygote: subprocess.Popen | None = None
         self._start_zygote()
@@ -488,6 +492,7 @@ class Sandbox:
             memory_mb=self.memory_mb,
             off_limits={k: tuple(v) for k, v in off_limits.items()},
             blocked_packages=self.blocked,
+            tasks_cgroup=str(self.tasks_cgroup) if self.tasks_cgroup else None,
         )
         mine, theirs = socket.socketpair()
         try:
@@ -514,4 +519,6 @@ class Sandbox:
             self.control.close()
             self.zygote.kill()
             self.zygote.wait()
+        if self.tasks_cgroup is not None:
+            isolation.remove_tasks_cgroup(self.tasks_cgroup)
         shutil.rmtree(self.base, ignore_errors=True)

@@ -23,6 +23,7 @@ import struct
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minillm.grading import codec, isolation
 
@@ -42,6 +43,7 @@ class WorkerConfig:
     extra_tasks: int = 256
     file_mb: int = 64
     env: dict[str, str] = field(default_factory=dict)
+    tasks_cgroup: str | None = None  # a pids cgroup to join: the task limit of a uid-0 worker
 
 
 # -- framing: 8-byte length, then the payload ---------------------------------------------------
@@ -336,6 +338,9 @@ def _confine(config: WorkerConfig) -> None:
     isolation.limit_resources(memory, config.extra_tasks, config.file_mb << 20, uid)
     if root:
         if has_landlock:
+            # Linux does not apply RLIMIT_NPROC to uid 0: its cgroup limits its tasks instead.
+            if config.tasks_cgroup:
+                isolation.join_tasks_cgroup(Path(config.tasks_cgroup), config.extra_tasks)
             isolation.drop_capabilities()
         else:
             isolation.become_nobody(uid, uid)
