@@ -85,24 +85,18 @@ def _logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def score_options(
-    model: nn.Module, tokenizer: Tokenizer, context: str, options: Sequence[str]
-) -> list[OptionScore]:
-    """The log-probability `model` gives each option as the continuation of `context`.
-
-    Each option is encoded on its own and appended to the encoded context (so that every option
-    is scored on the same context tokens); its tokens are scored by one forward pass per item,
-    all options in one batch, right-padded (causal attention never looks right, so padding
-    needs no mask). The context keeps its last block_size - len(option) tokens at most.
-    """
+def _option_rows(
+    tokenizer: Tokenizer, block_size: int, context: str, options: Sequence[str]
+) -> list[tuple[list[int], int, list[int]]]:
+    """Per option: the input ids (encoded context, then the option, less its last token), the
+    position that predicts the option's first token, and the option's ids. The context keeps its
+    last block_size - len(option) tokens at most."""
     if isinstance(options, str) or not options:
         raise InputError(f"options must be a non-empty list of strings, got {options!r}")
-    block_size = model.config.block_size
     context_ids = tokenizer.encode(require_text(context, "context"))
     if not context_ids:
         raise InputError("the context is empty: the first option token needs something before it")
-    rows, spans = [], []
+    rows = []
     for i, option in enumerate(options):
         option_ids = tokenizer.encode(require_text(option, f"options[{i}]"))
         if not option_ids:
@@ -113,22 +107,45 @@ def score_options(
                 f"(block_size={block_size}); shorten the options"
             )
         kept = context_ids[-(block_size + 1 - len(option_ids)) :]  # left-truncation
-        ids = kept + option_ids
-        rows.append(ids[:-1])  # the inputs; position t predicts ids[t + 1]
-        spans.append((len(kept) - 1, option_ids))
-    width = max(map(len, rows))
+        rows.append(((kept + option_ids)[:-1], len(kept) - 1, option_ids))
+    return rows
+
+
+@torch.no_grad()
+def _score_rows(model: nn.Module, rows: list[tuple[list[int], int, list[int]]]) -> list[float]:
+    """The summed log-probability of each row's option, from one forward pass over all rows,
+    right-padded (causal attention never looks right, so padding needs no mask)."""
+    width = max(len(ids) for ids, _, _ in rows)
     device = next(model.parameters()).device
-    idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    idx = torch.tensor([ids + [0] * (width - len(ids)) for ids, _, _ in rows], device=device)
+    logp = F.log_softmax(_logits(model, idx).double(), dim=-1)
+    # Every option token at once: its row, the position that predicts it, and its id.
+    owner = [row for row, (_, _, option_ids) in enumerate(rows) for _ in option_ids]
+    at = [first + k for _, first, option_ids in rows for k in range(len(option_ids))]
+    targets = [t for _, _, option_ids in rows for t in option_ids]
+    owner_t = torch.tensor(owner, device=device)
+    picked = logp[owner_t, torch.tensor(at, device=device), torch.tensor(targets, device=device)]
+    totals = torch.zeros(len(rows), dtype=logp.dtype, device=device).index_add_(0, owner_t, picked)
+    return totals.tolist()
+
+
+def score_options(
+    model: nn.Module, tokenizer: Tokenizer, context: str, options: Sequence[str]
+) -> list[OptionScore]:
+    """The log-probability `model` gives each option as the continuation of `context`.
+
+    Each option is encoded on its own and appended to the encoded context (so that every option
+    is scored on the same context tokens); its tokens are scored by one forward pass, all
+    options in one batch. The context keeps its last block_size - len(option) tokens at most.
+    """
+    rows = _option_rows(tokenizer, model.config.block_size, context, options)
     if hasattr(model, "eval"):
         model.eval()
-    logp = F.log_softmax(_logits(model, idx).double(), dim=-1)
-    scores = []
-    for row, ((first, option_ids), option) in enumerate(zip(spans, options, strict=True)):
-        at = torch.arange(first, first + len(option_ids), device=device)
-        targets = torch.tensor(option_ids, device=device)
-        total = logp[row, at, targets].sum().item()
-        scores.append(OptionScore(total, len(option_ids), len(option)))
-    return scores
+    totals = _score_rows(model, rows)
+    return [
+        OptionScore(total, len(option_ids), len(option))
+        for total, (_, _, option_ids), option in zip(totals, rows, options, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -151,17 +168,34 @@ def predicted(scores: Sequence[OptionScore], normalisation: str) -> int:
 
 
 def multiple_choice_accuracy(
-    model: nn.Module, tokenizer: Tokenizer, items: Iterable[MultipleChoice]
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    items: Iterable[MultipleChoice],
+    items_per_batch: int = 32,
 ) -> MultipleChoiceResult:
     """The share of `items` whose true option `model` ranks first, by each normalisation."""
     items = list(items)
     if not items:
         raise InputError("no items to score")
+    require_positive(items_per_batch, "items_per_batch", integer=True)
+    if hasattr(model, "eval"):
+        model.eval()
     right = dict.fromkeys(NORMALISATIONS, 0)
-    for item in items:
-        scores = score_options(model, tokenizer, item.context, item.options)
-        for name in NORMALISATIONS:
-            right[name] += predicted(scores, name) == item.answer
+    # Items a batch at a time: one forward pass per item costs more in overhead than in compute.
+    for start in range(0, len(items), items_per_batch):
+        batch = items[start : start + items_per_batch]
+        per_item = [
+            _option_rows(tokenizer, model.config.block_size, item.context, item.options)
+            for item in batch
+        ]
+        totals = iter(_score_rows(model, [row for rows in per_item for row in rows]))
+        for item, rows in zip(batch, per_item, strict=True):
+            scores = [
+                OptionScore(next(totals), len(option_ids), len(option))
+                for (_, _, option_ids), option in zip(rows, item.options, strict=True)
+            ]
+            for name in NORMALISATIONS:
+                right[name] += predicted(scores, name) == item.answer
     n_options = len(items[0].options)
     return MultipleChoiceResult(
         {k: v / len(items) for k, v in right.items()}, len(items), n_options

@@ -120,6 +120,27 @@ def test_a_model_that_memorised_its_text_picks_every_true_continuation():
     assert multiple_choice_accuracy(untrained, tok, items).accuracy["per_char"] < 0.6
 
 
+def test_items_scored_in_batches_score_as_one_at_a_time():
+    """Many items' options padded into one forward pass: each option's log-probability is the one
+    `score_options` gives it alone (float32 logits, so to 1e-4), and so are the accuracies."""
+    from minillm import evaluate
+
+    text = "when shall we three meet again\nin thunder, lightning, or in rain?\n" * 8
+    tok = CharTokenizer.train(text)
+    items = continuation_task(text, 40, context_chars=12, words=(1, 3), seed=1)
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=24, n_layer=2, n_embd=32)).eval()
+    rows = [row for it in items for row in evaluate._option_rows(tok, 24, it.context, it.options)]
+    batched = evaluate._score_rows(model, rows)
+    alone = [o.logprob for it in items for o in score_options(model, tok, it.context, it.options)]
+    assert len({len(ids) for ids, _, _ in rows}) > 1  # rows of several lengths share the padding
+    assert batched == pytest.approx(alone, abs=1e-4)
+    one_by_one = multiple_choice_accuracy(model, tok, items, items_per_batch=1)
+    assert multiple_choice_accuracy(model, tok, items, items_per_batch=7) == one_by_one
+    with pytest.raises(InputError, match="items_per_batch"):
+        multiple_choice_accuracy(model, tok, items, items_per_batch=0)
+
+
 def test_a_context_longer_than_the_model_reads_is_cut_on_the_left():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=len(ALPHABET), block_size=8, n_layer=1, n_embd=16)).eval()
