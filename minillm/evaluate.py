@@ -118,13 +118,16 @@ def _score_rows(model: nn.Module, rows: list[tuple[list[int], int, list[int]]]) 
     width = max(len(ids) for ids, _, _ in rows)
     device = next(model.parameters()).device
     idx = torch.tensor([ids + [0] * (width - len(ids)) for ids, _, _ in rows], device=device)
-    logp = F.log_softmax(_logits(model, idx).double(), dim=-1)
-    # Every option token at once: its row, the position that predicts it, and its id.
+    logits = _logits(model, idx)
+    # Every option token at once: its row, the position that predicts it, and its id. Only those
+    # positions' distributions are normalised (a whole batch's, in float64, would not fit for a
+    # large vocabulary).
     owner = [row for row, (_, _, option_ids) in enumerate(rows) for _ in option_ids]
     at = [first + k for _, first, option_ids in rows for k in range(len(option_ids))]
-    targets = [t for _, _, option_ids in rows for t in option_ids]
+    targets = torch.tensor([t for _, _, option_ids in rows for t in option_ids], device=device)
     owner_t = torch.tensor(owner, device=device)
-    picked = logp[owner_t, torch.tensor(at, device=device), torch.tensor(targets, device=device)]
+    logp = F.log_softmax(logits[owner_t, torch.tensor(at, device=device)].double(), dim=-1)
+    picked = logp[torch.arange(len(targets), device=device), targets]
     totals = torch.zeros(len(rows), dtype=logp.dtype, device=device).index_add_(0, owner_t, picked)
     return totals.tolist()
 

@@ -3,6 +3,9 @@
 import hashlib
 import os
 
+import pytest
+import torch
+
 from minillm import data
 from minillm.env import FIX, NOTE, OK, check_data, environment_report, format_report
 
@@ -65,6 +68,12 @@ def test_the_op_cache_is_where_torch_puts_it(monkeypatch, tmp_path):
     assert _jit_built("deepspeed_shm_comm")
 
 
+ON_A_GPU = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="DeepSpeed on CUDA has no shared-memory op to build"
+)
+
+
+@ON_A_GPU
 def test_setup_deepspeed_leaves_the_op_built_so_the_first_run_waits_for_nothing(capsys):
     from minillm.cli import main
 
@@ -74,6 +83,7 @@ def test_setup_deepspeed_leaves_the_op_built_so_the_first_run_waits_for_nothing(
     assert line.status == OK and line.detail.startswith("built"), line.line()
 
 
+@ON_A_GPU
 def test_setup_deepspeed_without_a_compiler_says_what_to_install(tmp_path):
     import subprocess
     import sys

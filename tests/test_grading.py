@@ -284,8 +284,19 @@ def test_a_submission_starts_no_more_tasks_than_the_limit_even_as_root(demo_repo
     """256 tasks (threads count) beyond what a worker holds when it starts: RLIMIT_NPROC for a
     user, and a pids cgroup where the worker stays uid 0 (root with Landlock), which Linux
     exempts from RLIMIT_NPROC."""
+    import os
     import re
 
+    from minillm.grading import isolation
+
+    if os.geteuid() == 0 and isolation.landlock_abi() > 0:
+        probe = isolation.tasks_cgroup(f"minillm-probe-{os.getpid()}")
+        if probe is None:
+            missing = "root with Landlock and no cgroup v1 pids hierarchy: no task limit here"
+            if os.environ.get("MINILLM_CI"):  # in CI the machine must have what the test needs
+                pytest.fail(missing)
+            pytest.skip(missing)
+        isolation.remove_tasks_cgroup(probe)
     _, report = _demo(demo_repo, tmp_path, "ch94")
     output = report["tests"][0]["output"]
     started = re.search(r"assert (\d+) == 400", output)

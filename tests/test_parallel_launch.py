@@ -169,25 +169,19 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_during_a_launch_leaves_no_rank_running(tmp_path):
     """A KeyboardInterrupt (Ctrl-C in a notebook, a test's timeout) while the ranks run stops
     them before it reaches the caller."""
-    import signal
+    import _thread
+    import threading
     import time
 
-    def interrupt(*_):
-        raise KeyboardInterrupt
+    def interrupt_once_both_started():
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()  # a KeyboardInterrupt in the main thread, as Ctrl-C raises
 
-    def both_started(*_):
-        if len(list(tmp_path.glob("rank*.pid"))) == 2:
-            interrupt()
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-
-    previous = signal.signal(signal.SIGALRM, both_started)
-    signal.setitimer(signal.ITIMER_REAL, 0.05)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            launch(_note_pid_then_wait, 2, tmp_path, echo=False, timeout_s=100)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    threading.Thread(target=interrupt_once_both_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        launch(_note_pid_then_wait, 2, tmp_path, echo=False, timeout_s=100)
     pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
     assert len(pids) == 2
     deadline = time.monotonic() + 10

@@ -8,7 +8,7 @@
   read, as under /root/.pyenv), or becomes `nobody` where there is no Landlock.
 - `limit_resources`: memory (address space), processes, file size, no core files. Linux never
   applies the process limit to uid 0, so a worker that stays uid 0 is limited by a pids cgroup
-  instead (`tasks_cgroup`, `join_tasks_cgroup`) where the grader can make one.
+  instead (`tasks_cgroup`, `join_tasks_cgroup`) where the grader can make one (cgroup v1).
 - `become_subreaper`, `descendants` and `kill_all`: every process a worker starts, even one that
   double-forks or calls setsid(), stays below the grader's subreaper and is SIGKILLed there.
 """
@@ -196,30 +196,23 @@ def limit_resources(memory_bytes: int, extra_tasks: int, file_bytes: int, uid: i
 
 
 _CGROUP_V1_PIDS = Path("/sys/fs/cgroup/pids")
-_CGROUP_V2 = Path("/sys/fs/cgroup")
 
 
 def tasks_cgroup(name: str) -> Path | None:
-    """A new, empty cgroup with the pids controller for a sandbox's workers, named `name`, below
-    this process's own: in cgroup v1's pids hierarchy, or in cgroup v2's where the pids
-    controller is delegated to the children of this process's cgroup. None where this process
-    may not make one (not root, or no such hierarchy), which is the case of every user account."""
-    if os.geteuid() != 0:
+    """A new, empty cgroup named `name` below this process's own in cgroup v1's pids hierarchy,
+    for a sandbox's workers; None where this process may not make one (not root, no such
+    hierarchy), which is the case of every user account. Not cgroup v2: there a process that
+    holds any descriptor of a cgroup folder may clone a child into it (CLONE_INTO_CGROUP), which
+    Landlock does not check, and uid 0 passes the permission test."""
+    if os.geteuid() != 0 or not _CGROUP_V1_PIDS.is_dir():
         return None
     for line in Path("/proc/self/cgroup").read_text().splitlines():
-        number, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(",") and _CGROUP_V1_PIDS.is_dir():
-            parent = _CGROUP_V1_PIDS / path.lstrip("/")
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            group = _CGROUP_V1_PIDS / path.lstrip("/") / name
             break
-        if number == "0" and controllers == "":
-            here = _CGROUP_V2 / path.lstrip("/")
-            subtree = here / "cgroup.subtree_control"
-            if subtree.is_file() and "pids" in subtree.read_text().split():
-                parent = here
-                break
     else:
         return None
-    group = parent / name
     try:
         group.mkdir()
     except OSError:

@@ -141,12 +141,11 @@ def _to_worker(message) -> bytes:
 
 def _copy_back(original, state, depth: int = 0) -> None:
     """Make `original` (an argument of a call) look like the worker's copy after the call."""
-    import numpy as np
-    import torch
-
+    # No tensor or array exists before its library is imported: import neither for plain data.
+    torch, np = sys.modules.get("torch"), sys.modules.get("numpy")
     if state is None or depth > 8:
         return
-    if isinstance(original, torch.Tensor):
+    if torch is not None and isinstance(original, torch.Tensor):
         if not (isinstance(state, tuple) and len(state) == 2):
             return
         data, grad = state
@@ -159,7 +158,7 @@ def _copy_back(original, state, depth: int = 0) -> None:
                 original.grad = None
             elif isinstance(grad, torch.Tensor) and grad.shape == original.shape:
                 original.grad = grad.to(original.dtype)
-    elif isinstance(original, np.ndarray):
+    elif np is not None and isinstance(original, np.ndarray):
         if (
             isinstance(state, np.ndarray)
             and state.shape == original.shape
@@ -168,7 +167,7 @@ def _copy_back(original, state, depth: int = 0) -> None:
             and not np.array_equal(state, original, equal_nan=state.dtype.kind in "fc")
         ):
             np.copyto(original, state)
-    elif isinstance(original, torch.nn.Module):
+    elif torch is not None and isinstance(original, torch.nn.Module):
         if isinstance(state, dict):
             for name, parameter in original.named_parameters():
                 _copy_back(parameter, state.get(name), depth + 1)
@@ -430,13 +429,13 @@ class Sandbox:
         self.base = Path(tempfile.mkdtemp(prefix="minillm-sandbox-"))
         self.rules = _read_paths(self.root, package)
         self.landlock = isolation.landlock_abi()
+        self.count = 0
+        self.zygote: subprocess.Popen | None = None
+        self._start_zygote()
         # Where workers stay uid 0 (root, with Landlock) only a cgroup limits their tasks.
         self.tasks_cgroup = None
         if os.geteuid() == 0 and self.landlock > 0:
             self.tasks_cgroup = isolation.tasks_cgroup(self.base.name)
-        self.count = 0
-        self.zygote: subprocess.Popen | None = None
-        self._start_zygote()
 
     def _start_zygote(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
