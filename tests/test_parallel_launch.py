@@ -170,6 +170,7 @@ def test_ctrl_c_during_a_launch_leaves_no_rank_running(tmp_path):
     """A KeyboardInterrupt (Ctrl-C in a notebook, a test's timeout) while the ranks run stops
     them before it reaches the caller."""
     import _thread
+    import signal
     import threading
     import time
 
@@ -179,9 +180,15 @@ def test_ctrl_c_during_a_launch_leaves_no_rank_running(tmp_path):
             time.sleep(0.05)
         _thread.interrupt_main()  # a KeyboardInterrupt in the main thread, as Ctrl-C raises
 
-    threading.Thread(target=interrupt_once_both_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        launch(_note_pid_then_wait, 2, tmp_path, echo=False, timeout_s=100)
+    # Python's own Ctrl-C handler for this test: a runner's worker may ignore SIGINT, and then
+    # interrupt_main does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_once_both_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            launch(_note_pid_then_wait, 2, tmp_path, echo=False, timeout_s=100)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
     assert len(pids) == 2
     deadline = time.monotonic() + 10
