@@ -60,16 +60,24 @@ def _jit_built(op: str) -> bool:
     return os.path.isfile(os.path.join(_extensions_root(), op, f"{op}.so"))
 
 
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed logs its accelerator choice and op builds as it imports and loads them; the
+    report and the set-up say what matters in one line instead."""
+    import logging
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        yield
+
+
 def build_deepspeed_ops() -> str:
     """`minillm setup-deepspeed`: compile now the op DeepSpeed loads in every multi-process run on
     a CPU (its shared-memory all-reduce, a minute or two of compiling), so that the first such run,
     a chapter 09 cell or a test, does not wait for it. Returns what it did, in one line."""
     if _version("deepspeed") is None:
         return "DeepSpeed is not installed: nothing to build"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import logging
-
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    with _quiet_deepspeed():
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
 
@@ -138,11 +146,7 @@ def check_deepspeed() -> list[Check]:
                 "not installed: pip install deepspeed (Linux; needed from chapter 09)",
             )
         ]
-    # DeepSpeed logs its accelerator choice on import; the report says it in one line instead.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import logging
-
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    with _quiet_deepspeed():
         from deepspeed.accelerator import get_accelerator
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
