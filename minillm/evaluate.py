@@ -144,7 +144,10 @@ def score_options(
     rows = _option_rows(tokenizer, model.config.block_size, context, options)
     if hasattr(model, "eval"):
         model.eval()
-    totals = _score_rows(model, rows)
+    return _option_scores(_score_rows(model, rows), rows, options)
+
+
+def _option_scores(totals, rows, options: Sequence[str]) -> list[OptionScore]:
     return [
         OptionScore(total, len(option_ids), len(option))
         for total, (_, _, option_ids), option in zip(totals, rows, options, strict=True)
@@ -191,12 +194,10 @@ def multiple_choice_accuracy(
             _option_rows(tokenizer, model.config.block_size, item.context, item.options)
             for item in batch
         ]
-        totals = iter(_score_rows(model, [row for rows in per_item for row in rows]))
+        totals = _score_rows(model, [row for rows in per_item for row in rows])
         for item, rows in zip(batch, per_item, strict=True):
-            scores = [
-                OptionScore(next(totals), len(option_ids), len(option))
-                for (_, _, option_ids), option in zip(rows, item.options, strict=True)
-            ]
+            scores = _option_scores(totals[: len(rows)], rows, item.options)
+            totals = totals[len(rows) :]
             for name in NORMALISATIONS:
                 right[name] += predicted(scores, name) == item.answer
     n_options = len(items[0].options)
