@@ -55,9 +55,15 @@ def _extensions_root() -> str:
     return os.path.join(get_default_build_root(), f"{python}_{flavour}")
 
 
+def jit_library(op: str) -> str | None:
+    """The compiled op's library in torch's extension cache, or None while it is not built."""
+    path = os.path.join(_extensions_root(), op, f"{op}.so")
+    return path if os.path.isfile(path) else None
+
+
 def _jit_built(op: str) -> bool:
     """True when torch's extension cache already holds the compiled op (so no JIT wait)."""
-    return os.path.isfile(os.path.join(_extensions_root(), op, f"{op}.so"))
+    return jit_library(op) is not None
 
 
 @contextlib.contextmanager

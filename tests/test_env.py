@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,52 @@ def test_the_op_cache_is_where_torch_puts_it(monkeypatch, tmp_path):
     (tmp_path / "deepspeed_shm_comm").mkdir()
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     assert _jit_built("deepspeed_shm_comm")
+
+
+def test_the_course_compiles_the_op_again_when_its_cache_was_deleted(tmp_path):
+    """`./course` compiles DeepSpeed's op once and remembers it in a stamp; a stamp whose library
+    is gone (a cleared cache) must not keep it from compiling again."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy2(repo / "course", tmp_path / "course")
+    venv, cache = tmp_path / "venv", tmp_path / "extensions"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".minillm-installed").touch()  # minillm itself counts as installed
+    log = tmp_path / "calls.log"
+    # The real interpreter; a `minillm` that logs its calls and "builds" where torch would.
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    library = cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    (venv / "bin" / "minillm").write_text(
+        f'#!/bin/sh\necho "$1" >> {log}\n'
+        f'[ "$1" = setup-deepspeed ] && mkdir -p {library.parent} && touch {library}\nexit 0\n'
+    )
+    for program in ("python", "minillm"):
+        (venv / "bin" / program).chmod(0o755)
+    env = {**os.environ, "MINILLM_VENV": str(venv), "TORCH_EXTENSIONS_DIR": str(cache)}
+
+    def setup() -> list[str]:
+        done = subprocess.run(
+            ["bash", str(tmp_path / "course"), "setup"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        calls = log.read_text().split() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return [c for c in calls if c == "setup-deepspeed"]
+
+    assert setup() == ["setup-deepspeed"]
+    assert (venv / ".minillm-deepspeed-ops").read_text().split() == [str(cache), str(library)]
+    assert setup() == []  # built, and remembered
+    shutil.rmtree(cache)
+    assert setup() == ["setup-deepspeed"] and library.is_file()
+    assert setup() == []
 
 
 ON_A_GPU = pytest.mark.skipif(
