@@ -61,11 +61,6 @@ def jit_library(op: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _jit_built(op: str) -> bool:
-    """True when torch's extension cache already holds the compiled op (so no JIT wait)."""
-    return jit_library(op) is not None
-
-
 @contextlib.contextmanager
 def _quiet_deepspeed():
     """DeepSpeed logs its accelerator choice and op builds as it imports and loads them; the
@@ -170,7 +165,7 @@ def check_deepspeed() -> list[Check]:
             if not builder.is_compatible(verbose=False):
                 hint = " (needs libaio: apt-get install libaio-dev)" if op == "async_io" else ""
                 checks.append(Check(f"  {op}", NOTE, f"unavailable here{hint}; {use}"))
-            elif installed_ops.get(op) or _jit_built(op):
+            elif installed_ops.get(op) or jit_library(op):
                 checks.append(Check(f"  {op}", OK, f"built; {use}"))
             else:
                 when = "first use (1-2 min, cached after"

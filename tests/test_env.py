@@ -59,14 +59,15 @@ def test_format_report_ends_with_a_verdict():
 
 
 def test_the_op_cache_is_where_torch_puts_it(monkeypatch, tmp_path):
-    from minillm.env import _jit_built
+    from minillm.env import jit_library
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert not _jit_built("deepspeed_shm_comm")
+    assert jit_library("deepspeed_shm_comm") is None
     # With TORCH_EXTENSIONS_DIR set, torch builds an op in a folder of its name right under it.
     (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert _jit_built("deepspeed_shm_comm")
+    library = tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    library.write_bytes(b"")
+    assert jit_library("deepspeed_shm_comm") == str(library)
 
 
 def test_the_course_compiles_the_op_again_when_its_cache_was_deleted(tmp_path):
