@@ -1,7 +1,9 @@
 """The course's two models on the main job's budget: the GPT (configs/train/shakespeare_char.yaml)
 and the Llama (configs/train/shakespeare_char_llama.yaml: RMSNorm, SwiGLU, rotary positions,
 grouped-query attention, no biases) at the same parameter count, trained with the same data,
-steps, batch, schedule and seed. Chapter 04 reads the saved results.
+steps, batch, schedule, seed and optimizer: AdamW for both, the layouts compared at the optimizer
+the saved run used (`--set optim.optimizer=muon` compares them under the main job's Muon).
+Chapter 04 reads the saved results.
 
     python benchmarks/llama_vs_gpt.py                      # 2000 steps each, a few minutes each
     python benchmarks/llama_vs_gpt.py --steps 300 --set eval_interval=50   # a shorter budget
@@ -51,7 +53,8 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def trainer_for(name: str, out_dir: str, overrides: list[str]) -> Trainer:
     config = load_config(
-        REPO / CONFIGS[name], [f"out_dir={out_dir}", "sample_tokens=0", *overrides]
+        REPO / CONFIGS[name],
+        [f"out_dir={out_dir}", "sample_tokens=0", "optim.optimizer=adamw", *overrides],
     )
     return Trainer(config, progress=False)
 

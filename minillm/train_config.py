@@ -17,6 +17,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("char", "bpe")
 # architecture -> (its model config, its model)
 MODELS = {"gpt": (GPTConfig, GPT), "llama": (LlamaConfig, Llama)}
+OPTIMIZERS = ("adamw", "muon")  # optim.optimizer; minillm.engines.common.build_optimizer
 
 
 @dataclass
@@ -36,6 +37,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    # "adamw", or "muon": Muon on the hidden matrices, AdamW (the settings above) on the rest
+    optimizer: str = "adamw"
+    muon_learning_rate: float = 0.02  # Muon's peak rate; the schedule scales it like the other
 
     def __post_init__(self) -> None:
         """Every setting checked before any training: each would otherwise surface as a torch
@@ -53,6 +57,9 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             _in_range(f"optim.{name}", getattr(self, name), low=0, high=1)
         _in_range("optim.grad_clip", self.grad_clip, low=0)
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_name("optim.optimizer", self.optimizer, OPTIMIZERS)
+        _in_range("optim.muon_learning_rate", self.muon_learning_rate, low=0, low_open=True)
 
 
 def _in_range(name: str, value: float, *, low: float, high: float = math.inf, low_open=False):

@@ -31,6 +31,7 @@ TINY = [
     "checkpoint_interval=6",
     "sample_tokens=40",
     "optim.warmup_iters=3",
+    "optim.optimizer=adamw",  # ZeRO and DeepSpeed cut parameters into slices: AdamW only
 ]
 
 

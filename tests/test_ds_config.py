@@ -15,7 +15,7 @@ from minillm.errors import InputError
 from minillm.train_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["batch_size=4", "optim.learning_rate=4e-3", "optim.grad_clip=1.0"]
+TINY = ["batch_size=4", "optim.learning_rate=4e-3", "optim.grad_clip=1.0", "optim.optimizer=adamw"]
 
 
 def train(*extra):

@@ -1,5 +1,6 @@
-"""The pieces every engine shares, written once: the learning-rate schedule, the mean of a number
-over the ranks, this rank's rows of a global batch, and a GPT rebuilt from a checkpoint."""
+"""The pieces every engine shares, written once: the optimizer, the learning-rate schedule, the
+mean of a number over the ranks, this rank's rows of a global batch, and a GPT rebuilt from a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from minillm import checkpoint
 from minillm.errors import InputError, unknown_name
 from minillm.model import GPT
+from minillm.muon import Muon
 from minillm.parallel.ddp import shard_batch
 from minillm.parallel.launch import default_backend
 from minillm.train_config import MODELS, OptimConfig, TrainConfig
@@ -28,6 +30,50 @@ def lr_at(step: int, optim: OptimConfig, max_iters: int) -> float:
     return optim.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
         optim.learning_rate - optim.min_lr
     )
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """`optim.optimizer` over `model.param_groups`: torch's AdamW, or `Muon` with the decayed
+    2-D weights (the blocks' matrices) on Muon and the rest, an untied output layer included, on
+    AdamW. AdamW's groups come first, so `param_groups[0]["lr"]` follows `optim.learning_rate`."""
+    decay, no_decay = model.param_groups(optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(
+            [decay, no_decay],
+            lr=optim.learning_rate,
+            betas=(optim.beta1, optim.beta2),
+            fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters
+        )
+    head = getattr(model, "lm_head", None)
+    output = {id(head.weight)} if head is not None else set()
+    matrices = [p for p in decay["params"] if id(p) not in output]
+    heads = [p for p in decay["params"] if id(p) in output]
+    groups = [
+        no_decay,
+        {"params": heads, "weight_decay": optim.weight_decay},
+        {
+            "params": matrices,
+            "weight_decay": optim.weight_decay,
+            "muon": True,
+            "lr": optim.muon_learning_rate,
+        },
+    ]
+    return Muon(
+        [g for g in groups if g["params"]],
+        lr=optim.learning_rate,
+        betas=(optim.beta1, optim.beta2),
+    )
+
+
+def require_adamw(optim: OptimConfig, engine: str, why: str) -> None:
+    """Refuse an optimizer other than AdamW in an engine that cannot run it, saying why."""
+    if optim.optimizer != "adamw":
+        raise InputError(
+            f"optim.optimizer is {optim.optimizer!r}, which {engine} cannot run: {why}. Train "
+            "with --set optim.optimizer=adamw, or with one process or --ddp, which run it"
+        )
 
 
 def lr_schedule(

@@ -20,7 +20,7 @@ from minillm.train_config import TrainConfig
 
 
 class DDPEngine(PlainEngine):
-    """`PlainEngine` (autocast, accumulation, clipping, AdamW, schedule) made data-parallel:
+    """`PlainEngine` (autocast, accumulation, clipping, optimizer, schedule) made data-parallel:
     `shard` keeps this rank's rows of the global batch; the backward pass of the last micro-batch
     of each accumulation window averages the gradients, the others skip it; `mean` averages a
     number (the loss) over the ranks. Use `functools.partial(DDPEngine, mode=...)` as a Trainer's

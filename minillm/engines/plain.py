@@ -1,5 +1,5 @@
 """The single-process engine: one device, autocast, fp16 loss scaling, accumulation, clipping,
-AdamW and the learning-rate schedule."""
+the optimizer (AdamW or Muon) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from minillm import checkpoint
-from minillm.engines.common import lr_schedule
+from minillm.engines.common import build_optimizer, lr_schedule
 from minillm.errors import InputError
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig
 
 
 class PlainEngine:
-    """One process, one device: autocast, loss scaling for fp16, accumulation, clipping, AdamW.
+    """One process, one device: autocast, loss scaling for fp16, accumulation, clipping, the
+    optimizer `optim.optimizer` names.
 
     The reference the other engines are checked against (`minillm.engines.Engine` lists what the
     Trainer calls).
@@ -32,13 +33,7 @@ class PlainEngine:
         self.module = model
         self.device = device
         self.config = config
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(
-            model.param_groups(o.weight_decay),
-            lr=o.learning_rate,
-            betas=(o.beta1, o.beta2),
-            fused=device.type in ("cpu", "cuda"),  # one kernel for all parameters
-        )
+        self.optimizer = build_optimizer(model, config.optim, device)
         self.scheduler = lr_schedule(self.optimizer, config)
         if config.precision == "fp16" and device.type != "cuda":
             raise InputError(
