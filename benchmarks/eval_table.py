@@ -59,6 +59,7 @@ def base_model(args, runs: Path):
         REPO / "configs/train/shakespeare_char.yaml",
         [
             f"max_iters={args.base_iters}",
+            "optim.optimizer=adamw",  # the saved table's base model was trained with AdamW
             "model.n_layer=3",
             "model.n_embd=96",
             "model.n_head=4",

@@ -8,7 +8,8 @@ resamples of the runs (`minillm.compute.bootstrap_scaling_law`: which numbers th
 identify), the compute-optimal size read off it, and the comparison with the Chinchilla fit.
 
 In the same run: this machine's fp32 matmul peak (median of 7) and the model FLOP utilisation
-(MFU) of the main job (configs/train/shakespeare_char.yaml) and of every sweep run.
+(MFU) of the main job (configs/train/shakespeare_char.yaml, with AdamW like the sweep) and of
+every sweep run.
 
     python benchmarks/scaling.py [--threads 1] [--out benchmarks/results/scaling.json]
     python benchmarks/scaling.py --refit   # re-fit the laws to the saved runs, no training
@@ -87,7 +88,9 @@ def step_tokens_per_s(run_dir: Path, skip: int = 5) -> float:
 
 
 def train(overrides: list[str], out_dir: Path) -> tuple[Trainer, object]:
-    config = load_config(CONFIG_FILE, [*overrides, f"out_dir={out_dir}", "sample_tokens=0"])
+    # AdamW, as the saved sweep was trained: Muon (the main job's optimizer) moves every loss
+    settings = ["optim.optimizer=adamw", *overrides, f"out_dir={out_dir}", "sample_tokens=0"]
+    config = load_config(CONFIG_FILE, settings)
     trainer = Trainer(config, progress=False)
     return trainer, trainer.fit()
 

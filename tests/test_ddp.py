@@ -79,9 +79,11 @@ def test_ddp_engine_matches_the_plain_engine_on_the_global_batch(grad_accum):
 
 
 @pytest.mark.multiprocess
-def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(optimizer, tmp_path):
     """The unchanged Trainer, driven by DDPEngine on 2 processes, logs the losses of one process
-    training on both ranks' rows (batch 2 x 4 = 8), to float32 rounding."""
+    training on both ranks' rows (batch 2 x 4 = 8), to float32 rounding; with Muon too, which
+    every rank runs on the whole averaged gradient of every matrix."""
     from functools import partial
 
     from minillm.engines import DDPEngine
@@ -99,6 +101,7 @@ def test_trainer_with_the_ddp_engine_equals_the_single_process_trainer(tmp_path)
         "checkpoint_interval=6",
         "sample_tokens=0",
         "optim.warmup_iters=2",
+        f"optim.optimizer={optimizer}",
     ]
     ddp = load_config(None, [*overrides, "batch_size=4", f"out_dir={tmp_path / 'ddp'}"])
     engine = partial(DDPEngine, mode="overlapped")
