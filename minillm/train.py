@@ -372,6 +372,15 @@ class Trainer:
                 f"{self.run_dir} holds a run with another model config; pass --fresh to start "
                 "over there, or choose another out_dir"
             )
+        # runs saved before optim.optimizer existed trained with AdamW
+        optimizer = saved.get("optim", {}).get("optimizer", "adamw")
+        if optimizer != self.config.optim.optimizer:
+            raise checkpoint.CheckpointError(
+                f"{self.run_dir} holds a run trained with optim.optimizer={optimizer}, and this "
+                f"config says {self.config.optim.optimizer}: one's state cannot continue the "
+                f"other. Pass --set optim.optimizer={optimizer} to finish that run, --fresh to "
+                "start over there, or choose another out_dir"
+            )
         checkpoint.verify(latest)  # every file as it was saved, before any engine reads one
         state = self.engine.load_checkpoint(latest)
         checkpoint.check_state(state, latest, self.config.max_iters)

@@ -85,8 +85,8 @@ def test_a_muon_step_is_the_update_written_out_in_float64():
     torch.testing.assert_close(p.detach().double(), ref, atol=2e-6, rtol=0)
 
 
-def test_muon_agrees_with_torchs_muon_within_its_bfloat16():
-    shape = (32, 96)
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32)])  # wide, and tall (rate times sqrt 3)
+def test_muon_agrees_with_torchs_muon_within_its_bfloat16(shape):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
     mine = Muon([{"params": [ours], "muon": True}], lr=0.02, weight_decay=0.1)
@@ -104,10 +104,12 @@ def test_the_other_groups_step_exactly_as_torchs_adamw():
     shape = (7, 5)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(4))
     ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    settings = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    # not Muon's defaults, and gradients small enough that eps moves the step
+    settings = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)
     mine = Muon([{"params": [ours]}], **settings)
     torchs = torch.optim.AdamW([theirs], foreach=False, **settings)
     for grad in _grads(shape, 6, seed=6):
+        grad = grad * 1e-3
         ours.grad, theirs.grad = grad.clone(), grad.clone()
         mine.step()
         torchs.step()
@@ -161,3 +163,36 @@ def test_zero_and_deepspeed_refuse_muon_and_say_how_to_train(tmp_path):
 def test_a_bad_optimizer_setting_is_refused_by_name(override, message):
     with pytest.raises(InputError, match=message):
         load_config(MAIN_JOB, [override])
+
+
+def test_a_run_resumes_only_with_the_optimizer_it_was_trained_with(tmp_path):
+    """A run folder of the AdamW main job (every run before Muon) and today's default: refused
+    with the way out, before any optimizer state is read; with AdamW named, it resumes."""
+    from minillm.checkpoint import CheckpointError
+    from minillm.train import Trainer, read_metrics
+
+    tiny = [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=16",
+        "batch_size=4",
+        "eval_interval=2",
+        "eval_iters=1",
+        "checkpoint_interval=2",
+        "sample_tokens=0",
+        "optim.warmup_iters=1",
+        f"out_dir={tmp_path}",
+    ]
+    Trainer(
+        load_config(MAIN_JOB, [*tiny, "max_iters=2", "optim.optimizer=adamw"]), progress=False
+    ).fit()
+    first = read_metrics(tmp_path)[0]
+    with pytest.raises(CheckpointError, match="optim.optimizer=adamw, and this config says muon"):
+        Trainer(load_config(MAIN_JOB, [*tiny, "max_iters=4"]), progress=False).fit()
+    resumed = Trainer(
+        load_config(MAIN_JOB, [*tiny, "max_iters=4", "optim.optimizer=adamw"]), progress=False
+    ).fit()
+    rows = read_metrics(tmp_path)[0]
+    assert resumed.step == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == first  # steps 1-2 kept from the first run, not trained again
