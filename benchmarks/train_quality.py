@@ -9,14 +9,15 @@ validation loss of at most 1.70; the exit status is 0 only when it is met at tha
 loss is printed over 200 batches and over the run's own 20.
 
 Measured (validation loss over 200 batches after 2000 steps, one thread on a shared 2-core CPU):
-the main job, with Muon on the blocks' matrices (minillm.muon; Muon's rate 0.012 gave 1.605),
-1.602: the target met at the first main job's shape and size. With AdamW alone: the first main
-job 1.754; its cosine decaying to 0 instead of 1e-4, 1.759; rotary positions and no biases 1.736
-(with an untied lm_head 1.741); that model 6 layers deep and 104 wide (786,864 parameters)
-1.714, not adopted: its steps take 1.3-1.5x as long and it no longer converts to GPT-2. Stopped
-early, behind the run each varies at its last two evaluations (20 batches): weight decay 0.3
-(step 1500) and 0 (step 750) against 0.1, and 7 layers x 96 against 6 x 104 (step 1750). The
-course's Llama reaches 1.696 on this budget with AdamW (benchmarks/llama_vs_gpt.py).
+the main job, with Muon on the blocks' matrices (minillm.muon), 1.602: the target met at the
+first main job's shape and size (Muon's rate 0.012 gave 1.605; 3 Newton-Schulz steps instead of
+5 gave 1.612). With AdamW alone: the first main job 1.754; its cosine decaying to 0 instead of
+1e-4, 1.759; rotary positions and no biases 1.736 (with an untied lm_head 1.741); that model 6
+layers deep and 104 wide (786,864 parameters) 1.714, not adopted: its steps take 1.3-1.5x as long
+and it no longer converts to GPT-2. Stopped early, behind the run each varies at its last two
+evaluations (20 batches): weight decay 0.3 (step 1500) and 0 (step 750) against 0.1, and 7 layers
+x 96 against 6 x 104 (step 1750). The course's Llama reaches 1.696 on this budget with AdamW
+(benchmarks/llama_vs_gpt.py).
 
     python benchmarks/train_quality.py [--set key=value ...]
 """
