@@ -61,6 +61,15 @@ class OptimConfig:
             raise unknown_name("optim.optimizer", self.optimizer, OPTIMIZERS)
         _in_range("optim.muon_learning_rate", self.muon_learning_rate, low=0, low_open=True)
 
+    def require_adamw(self, engine: str, why: str) -> None:
+        """Refuse an optimizer other than AdamW for an engine that cannot run it, saying why."""
+        if self.optimizer != "adamw":
+            raise InputError(
+                f"optim.optimizer is {self.optimizer!r}, which {engine} cannot run: {why}. "
+                "Train with --set optim.optimizer=adamw, or with one process or --ddp, which "
+                "run it"
+            )
+
 
 def _in_range(name: str, value: float, *, low: float, high: float = math.inf, low_open=False):
     """Refuse NaN, infinity and values outside [low, high) ((low, high) when `low_open`)."""

@@ -67,15 +67,6 @@ def build_optimizer(
     )
 
 
-def require_adamw(optim: OptimConfig, engine: str, why: str) -> None:
-    """Refuse an optimizer other than AdamW in an engine that cannot run it, saying why."""
-    if optim.optimizer != "adamw":
-        raise InputError(
-            f"optim.optimizer is {optim.optimizer!r}, which {engine} cannot run: {why}. Train "
-            "with --set optim.optimizer=adamw, or with one process or --ddp, which run it"
-        )
-
-
 def lr_schedule(
     optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -556,13 +556,12 @@ def _optimizer_class(name: str, params: dict, offload: bool, device_type: str):
 
 def _check_optimizer(config: dict, train: TrainConfig, device_type: str) -> None:
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if train.optim.optimizer != "adamw":
-        raise InputError(
-            f"the training config's optim.optimizer is {train.optim.optimizer!r}, but under "
-            "DeepSpeed the DeepSpeed config's optimizer section builds the optimizer, and "
-            'minillm fills its "auto" values from AdamW\'s settings; train with --set '
-            "optim.optimizer=adamw (or without --deepspeed: one process or --ddp run Muon)"
-        )
+    train.optim.require_adamw(
+        "DeepSpeed",
+        "ZeRO cuts every parameter into slices, and Muon needs each matrix whole; here the "
+        'DeepSpeed config\'s optimizer section builds the optimizer, its "auto" values filled '
+        "from AdamW's settings",
+    )
     for key, value in optimizer.items():
         if key not in _OPTIMIZER_KEYS:
             raise _unknown("optimizer.", key, _OPTIMIZER_KEYS)

@@ -9,13 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minillm import checkpoint
-from minillm.engines.common import (
-    lr_schedule,
-    mean_over_ranks,
-    rebuild_model,
-    require_adamw,
-    shard_pair,
-)
+from minillm.engines.common import lr_schedule, mean_over_ranks, rebuild_model, shard_pair
 from minillm.errors import InputError
 from minillm.model import GPT
 from minillm.parallel.zero import Zero
@@ -32,10 +26,8 @@ class ZeroEngine:
     def __init__(self, model: GPT, config: TrainConfig, device: torch.device, *, stage: int = 2):
         if config.precision != "fp32":
             raise InputError("ZeroEngine trains in fp32; use precision=fp32")
-        require_adamw(
-            config.optim,
-            "ZeroEngine",
-            "ZeRO cuts every parameter into slices, and Muon needs each matrix whole",
+        config.optim.require_adamw(
+            "ZeroEngine", "ZeRO cuts every parameter into slices, and Muon needs each matrix whole"
         )
         o = config.optim
         self.module, self.config, self.device = model, config, device
