@@ -27,13 +27,16 @@ share of it is printed. Targets: minillm at least 1.3x faster per step than the 
 peer and at least 50% of the peak. minillm's step is also profiled: the time its matmul and
 attention kernels take is what no change outside them can save, and the run prints how little
 would be left for everything else (norms, GELU, loss, AdamW) in a step 1.3x faster.
+`--compile` times minillm with `compile=true` (torch.compile, AdamW) beside it, and prints what
+the compilation cost: the lever the kernels' share leaves, weighed in the same rounds.
 
 The main job is compared with the peer that ships a training loop, the book's
 `train_model_simple`: both train for `--job-steps` steps (a quarter of the 2000 by default)
 with the main job's evaluation (20 batches per split every 250 steps) on the same corpus.
 
     python benchmarks/peers.py [--rounds 15] [--steps 10] [--job-steps 500] [--no-job]
-                               [--set key=value ...]   (minillm's config, as `minillm train`)
+                               [--compile] [--set key=value ...]   (minillm's config, as
+                                                                    `minillm train`)
 """
 
 import argparse
@@ -257,22 +260,31 @@ def main() -> int:
     parser.add_argument("--job-steps", type=int, default=500)
     parser.add_argument("--no-job", action="store_true", help="time the steps only")
     parser.add_argument(
+        "--compile", action="store_true", help="time minillm with torch.compile (AdamW) too"
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override minillm's config"
     )
     args = parser.parse_args()
     ch04, ch05 = require_book_package()
     config = load_config(CONFIG, ["sample_tokens=0", *args.set])
     # the peers' mathematics (AdamW) for the comparison; the main job's Muon timed beside it
-    adamw, muon = (
-        load_config(CONFIG, ["sample_tokens=0", *args.set, f"optim.optimizer={name}"])
-        for name in ("adamw", "muon")
+    adamw, muon, compiled = (
+        load_config(CONFIG, ["sample_tokens=0", *args.set, *overrides])
+        for overrides in (
+            ["optim.optimizer=adamw"],
+            ["optim.optimizer=muon"],
+            ["optim.optimizer=adamw", "compile=true"],
+        )
     )
     m = config.model
     torch.manual_seed(0)
     models, steps = {}, {}
+    compiled_row = [("minillm compiled", lambda: minillm_step(compiled))] if args.compile else []
     for name, build in (
         ("minillm", lambda: minillm_step(adamw)),
         ("minillm Muon", lambda: minillm_step(muon)),
+        *compiled_row,
         ("transformers GPT-2", lambda: transformers_step(m)),
         ("book GPTModel", lambda: book_step(ch04.GPTModel, ch05, m)),
         ("book GPTModelFast", lambda: book_step(ch04.GPTModelFast, ch05, m)),
@@ -280,6 +292,10 @@ def main() -> int:
         models[name], steps[name] = build()
     x = torch.randint(0, m.vocab_size, (config.batch_size, m.block_size))
     y = torch.roll(x, -1, dims=1)
+    if args.compile:  # the first call compiles (from torch's inductor cache after a first run)
+        start = time.perf_counter()
+        steps["minillm compiled"](x, y)
+        compile_seconds = time.perf_counter() - start
     median, peak = time_rounds(steps, args.rounds, args.steps, x, y)
     tokens = config.batch_size * m.block_size
     flops = compute.flops_per_token(m) * tokens
@@ -299,6 +315,14 @@ def main() -> int:
         f"Muon (the main job's optimizer) costs {median['minillm Muon'] / median['minillm']:.2f}x"
         " AdamW's step: its Newton-Schulz iteration is matmuls the model FLOPs above leave out"
     )
+    if args.compile:
+        saved = median["minillm"] - median["minillm compiled"]
+        payback = f"{compile_seconds / saved:,.0f} steps" if saved > 0 else "never"
+        print(
+            f"torch.compile: its first step took {compile_seconds:.1f} s (compiling); then "
+            f"{median['minillm'] / median['minillm compiled']:.2f}x eager minillm's speed; "
+            f"it earns the compilation back after {payback}"
+        )
     fastest_peer = min((t, n) for n, t in median.items() if not n.startswith("minillm"))
     ratio = fastest_peer[0] / median["minillm"]
     share = flops / median["minillm"] / peak
