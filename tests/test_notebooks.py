@@ -116,8 +116,7 @@ def test_minillm_notebooks_writes_clean_outputs_and_measures_cpu(tmp_path):
         "from minillm.utils import progress_bar\n"
         "for _ in progress_bar(range(200), desc='steps'): pass",
         # 1.5 s of CPU in a child process while the kernel only waits for it
-        "import subprocess\n"
-        "subprocess.run([sys.executable, 'burn.py'])",
+        "import subprocess\nsubprocess.run([sys.executable, 'burn.py'])",
         # 3 s more in a grandchild that a child still running has waited for (as launch's
         # ranks, forked from a server that outlives them)
         "server = subprocess.Popen([sys.executable, 'server.py'], stdout=subprocess.PIPE)\n"
