@@ -270,12 +270,8 @@ def main() -> int:
     config = load_config(CONFIG, ["sample_tokens=0", *args.set])
     # the peers' mathematics (AdamW) for the comparison; the main job's Muon timed beside it
     adamw, muon, compiled = (
-        load_config(CONFIG, ["sample_tokens=0", *args.set, *overrides])
-        for overrides in (
-            ["optim.optimizer=adamw"],
-            ["optim.optimizer=muon"],
-            ["optim.optimizer=adamw", "compile=true"],
-        )
+        load_config(CONFIG, ["sample_tokens=0", *args.set, "optim.optimizer=" + name, *extra])
+        for name, extra in (("adamw", []), ("muon", []), ("adamw", ["compile=true"]))
     )
     m = config.model
     torch.manual_seed(0)

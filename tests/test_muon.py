@@ -170,29 +170,17 @@ def test_a_run_resumes_only_with_the_optimizer_it_was_trained_with(tmp_path):
     with the way out, before any optimizer state is read; with AdamW named, it resumes."""
     from minillm.checkpoint import CheckpointError
     from minillm.train import Trainer, read_metrics
+    from tests.test_train import tiny
 
-    tiny = [
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=16",
-        "batch_size=4",
-        "eval_interval=2",
-        "eval_iters=1",
-        "checkpoint_interval=2",
-        "sample_tokens=0",
-        "optim.warmup_iters=1",
-        f"out_dir={tmp_path}",
-    ]
-    Trainer(
-        load_config(MAIN_JOB, [*tiny, "max_iters=2", "optim.optimizer=adamw"]), progress=False
-    ).fit()
-    first = read_metrics(tmp_path)[0]
+    def fit(*extra):
+        config = tiny(tmp_path, "eval_interval=2", "checkpoint_interval=2", *extra)
+        return Trainer(config, progress=False).fit()
+
+    fit("max_iters=2", "optim.optimizer=adamw")
+    first = read_metrics(tmp_path / "run")[0]
     with pytest.raises(CheckpointError, match="optim.optimizer=adamw, and this config says muon"):
-        Trainer(load_config(MAIN_JOB, [*tiny, "max_iters=4"]), progress=False).fit()
-    resumed = Trainer(
-        load_config(MAIN_JOB, [*tiny, "max_iters=4", "optim.optimizer=adamw"]), progress=False
-    ).fit()
-    rows = read_metrics(tmp_path)[0]
+        fit("max_iters=4")
+    resumed = fit("max_iters=4", "optim.optimizer=adamw")
+    rows = read_metrics(tmp_path / "run")[0]
     assert resumed.step == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[:2] == first  # steps 1-2 kept from the first run, not trained again
