@@ -355,13 +355,14 @@ def _kernel_env() -> dict[str, str]:
 
 
 def _machine_paths() -> list[tuple[str, str]]:
-    """Paths of this machine that outputs may contain, and what a student's clone shows instead
-    (README: `git clone ... minillm`, the environment in `.venv`), most specific first."""
+    """Paths of this machine that outputs may contain, and what they are saved as, most specific
+    first: the repository as a student's clone (README: `git clone ... minillm`); the Python
+    environment by what it is, since a student's may be `.venv`, Colab's or conda's."""
     from minillm.utils import repo_root
 
     pairs = []
     for path, shown in (
-        (Path(sys.prefix), "~/minillm/.venv"),
+        (Path(sys.prefix), "<environment>"),
         (repo_root(), "~/minillm"),
         (Path.home(), "~"),
     ):

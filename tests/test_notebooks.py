@@ -138,7 +138,7 @@ def test_minillm_notebooks_writes_clean_outputs_and_measures_cpu(tmp_path):
     saved = json.loads(path.read_text(encoding="utf-8"))
     assert _source(saved["cells"][1]) == SETUP_CELL
     printed = "".join(_join(o["text"]) for o in saved["cells"][2]["outputs"]).split()
-    assert printed == ["~/minillm/.venv", "~", "~/minillm"]
+    assert printed == ["<environment>", "~", "~/minillm"]
     texts = "\n".join(t for c in saved["cells"] for t in _output_texts(c))
     assert not [w for w in NOISE if w in texts]
     bar = [u for u in texts.replace("\n", "\r").split("\r") if "steps:" in u]
