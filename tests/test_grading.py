@@ -283,7 +283,8 @@ def test_the_memory_limit_is_per_test_and_configurable(demo_repo, tmp_path):
 def test_a_submission_starts_no_more_tasks_than_the_limit_even_as_root(demo_repo, tmp_path):
     """256 tasks (threads count) beyond what a worker holds when it starts: RLIMIT_NPROC for a
     user, and a pids cgroup where the worker stays uid 0 (root with Landlock), which Linux
-    exempts from RLIMIT_NPROC."""
+    exempts from RLIMIT_NPROC; where no cgroup can be made, the grader counts the tasks and
+    stops them all past the limit."""
     import os
     import re
 
@@ -292,16 +293,89 @@ def test_a_submission_starts_no_more_tasks_than_the_limit_even_as_root(demo_repo
     if os.geteuid() == 0 and isolation.landlock_abi() > 0:
         probe = isolation.tasks_cgroup(f"minillm-probe-{os.getpid()}")
         if probe is None:
-            missing = "root with Landlock and no cgroup v1 pids hierarchy: no task limit here"
-            if os.environ.get("MINILLM_CI"):  # in CI the machine must have what the test needs
-                pytest.fail(missing)
-            pytest.skip(missing)
+            _, report = _demo(demo_repo, tmp_path, "ch94")
+            output = report["tests"][0]["output"]
+            assert report["score"] == 0 and "more than 256 processes or threads" in output
+            return
         isolation.remove_tasks_cgroup(probe)
     _, report = _demo(demo_repo, tmp_path, "ch94")
     output = report["tests"][0]["output"]
     started = re.search(r"assert (\d+) == 400", output)
     assert report["score"] == 0 and started, output[-2000:]
     assert 0 < int(started.group(1)) <= 256
+
+
+BOUNDED_FORK_BOMB = """
+import os
+import signal
+
+for _ in range(600):  # 600 waiting children: past the limit, yet bounded should the grader fail
+    if os.fork() == 0:
+        break
+signal.pause()
+"""
+
+
+def test_where_no_cgroup_holds_a_uid0_worker_its_tasks_are_counted_and_stopped(demo_repo):
+    """cgroup v2, or no pids hierarchy: a worker that stays uid 0 is not bound by RLIMIT_NPROC
+    and joins no cgroup, so its session counts the tasks below the zygote and kills them all
+    once they pass the 256 it may start."""
+    import os
+    import time
+
+    from minillm.grading import isolation
+    from minillm.grading.remote import CodeUnderTestError, Sandbox
+
+    if not (os.geteuid() == 0 and isolation.landlock_abi() > 0):
+        why = "workers stay uid 0 only where the grader runs as root with Landlock"
+        if os.environ.get("MINILLM_CI"):  # in CI the machine must have what the test needs
+            pytest.fail(why)
+        pytest.skip(why)
+    (demo_repo / "solutions" / "ch93_fork_bomb.py").write_text(BOUNDED_FORK_BOMB)
+    sandbox = Sandbox(demo_repo, "solutions", memory_mb=1024, preimports=[], use_cgroup=False)
+    try:
+        assert sandbox.tasks_cgroup is None and sandbox.watch_tasks
+        session = sandbox.spawn("solutions.ch93_fork_bomb", 60.0, {})
+        start = time.monotonic()
+        with pytest.raises(CodeUnderTestError, match="more than 256 processes or threads"):
+            session.start()
+        assert time.monotonic() - start < 30, "stopped by the time limit, not the task count"
+        assert isolation.descendants(sandbox.zygote.pid) == set()
+        session.finish()
+        # The next worker has its whole allowance again, and an honest one runs as before.
+        ok = sandbox.spawn("solutions.ch94_tasks", 60.0, {})
+        assert ok.start().start_sleepers(3) == 3
+        ok.finish()
+    finally:
+        sandbox.close()
+
+
+def test_tasks_below_counts_every_thread_of_every_descendant():
+    """Below a child: its child's main thread and 3 more, 4 tasks, as RLIMIT_NPROC counts them."""
+    import subprocess
+    import sys
+
+    from minillm.grading import isolation
+
+    grandchild = (
+        "import threading, time\n"
+        "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    child = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE)\n"
+        "print(p.stdout.readline().decode().strip(), flush=True); p.wait()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert isolation.tasks_below(proc.pid) == 4
+        assert len(isolation.descendants(proc.pid)) == 1
+    finally:
+        isolation.kill_all(lambda: isolation.descendants(proc.pid))
+        proc.kill()
+        proc.wait()
 
 
 def test_unknown_chapter_is_refused(demo_repo):

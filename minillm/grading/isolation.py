@@ -8,7 +8,8 @@
   read, as under /root/.pyenv), or becomes `nobody` where there is no Landlock.
 - `limit_resources`: memory (address space), processes, file size, no core files. Linux never
   applies the process limit to uid 0, so a worker that stays uid 0 is limited by a pids cgroup
-  instead (`tasks_cgroup`, `join_tasks_cgroup`) where the grader can make one (cgroup v1).
+  instead (`tasks_cgroup`, `join_tasks_cgroup`) where the grader can make one (cgroup v1), and
+  elsewhere by the grader counting its tasks (`tasks_below`) and killing them all past the limit.
 - `become_subreaper`, `descendants` and `kill_all`: every process a worker starts, even one that
   double-forks or calls setsid(), stays below the grader's subreaper and is SIGKILLed there.
 """
@@ -259,9 +260,9 @@ def children(pid: int) -> frozenset[int]:
     return frozenset(child for child, parent in _parents().items() if parent == pid)
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every living (non-zombie) process."""
-    parents = {}
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, threads) of every living (non-zombie) process."""
+    processes = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -271,15 +272,30 @@ def _parents() -> dict[int, int]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
         if fields[0] not in ("Z", "X"):
-            parents[int(entry.name)] = int(fields[1])
-    return parents
+            processes[int(entry.name)] = (int(fields[1]), int(fields[17]))
+    return processes
 
 
-def descendants(root: int, spare: frozenset[int] = frozenset()) -> set[int]:
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every living (non-zombie) process."""
+    return {pid: parent for pid, (parent, _) in _processes().items()}
+
+
+def tasks_below(root: int) -> int:
+    """Tasks (threads count, as for RLIMIT_NPROC and a pids cgroup) of the living processes below
+    `root`."""
+    processes = _processes()
+    below = descendants(root, parents={pid: parent for pid, (parent, _) in processes.items()})
+    return sum(processes[pid][1] for pid in below)
+
+
+def descendants(
+    root: int, spare: frozenset[int] = frozenset(), *, parents: dict[int, int] | None = None
+) -> set[int]:
     """Living processes below `root` (never `root` itself, nor this process), leaving out the
-    processes in `spare` and all below them."""
+    processes in `spare` and all below them; `parents` is `_parents()` when already read."""
     children: dict[int, list[int]] = {}
-    for pid, parent in _parents().items():
+    for pid, parent in (_parents() if parents is None else parents).items():
         children.setdefault(parent, []).append(pid)
     found: set[int] = set()
     todo = [root]

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from minillm.grading import codec, isolation, worker
 DEFAULT_MEMORY_MB = 4096
 OUTPUT_KEPT = 8000  # characters of a worker's output shown with a failing test
 ZYGOTE_START_S = 300.0
+TASK_POLL_S = 0.05  # how often the tasks of a worker no cgroup holds are counted
 
 # Libraries a worker gets already imported (forked from the zygote), so that no test pays for
 # importing them: what the exercises import. A graded test file may name its own list
@@ -266,6 +268,31 @@ class WorkerSession:
         self.deadline = time.monotonic() + limit_s
         self.violations: list[str] = []
         self.ended: str | None = None
+        self.task_limit_passed: int | None = None  # the extra tasks the code under test passed
+        self._closed = threading.Event()
+
+    def watch_tasks(self, limit: int, extra: int) -> None:
+        """Count the tasks below the zygote every TASK_POLL_S, and kill them all once they pass
+        `limit` (`extra` more than it held at the worker's start): the task limit of a worker
+        that stays uid 0, which RLIMIT_NPROC does not bind, where no pids cgroup can hold it."""
+        zygote = self.sandbox.zygote.pid
+
+        def watch():
+            while not self._closed.wait(TASK_POLL_S):
+                if isolation.tasks_below(zygote) > limit:
+                    self.task_limit_passed = extra
+                    self.sandbox.kill_workers()
+                    return
+
+        threading.Thread(target=watch, name=f"minillm-tasks-{self.pid}", daemon=True).start()
+
+    def _ended_text(self, otherwise: str) -> str:
+        if self.task_limit_passed is None:
+            return otherwise
+        return (
+            f"the code under test started more than {self.task_limit_passed} processes or "
+            "threads (a fork bomb?); all of them were stopped"
+        )
 
     def _receive(self):
         while True:
@@ -304,9 +331,11 @@ class WorkerSession:
             ) from None
         except (EOFError, ConnectionError, BrokenPipeError):
             raise self._end(
-                "the process running the code under test ended during this call: did it call "
-                "exit(), crash the interpreter, or run out of memory "
-                f"({self.sandbox.memory_mb} MiB)?"
+                self._ended_text(
+                    "the process running the code under test ended during this call: did it "
+                    "call exit(), crash the interpreter, or run out of memory "
+                    f"({self.sandbox.memory_mb} MiB)?"
+                )
             ) from None
         except (codec.CodecError, struct.error, ValueError) as exc:
             raise self._end(
@@ -357,7 +386,9 @@ class WorkerSession:
             ) from None
         except (EOFError, ConnectionError):
             raise self._end(
-                f"the process importing {self.module_name} ended (exit() or a crash at import)"
+                self._ended_text(
+                    f"the process importing {self.module_name} ended (exit() or a crash at import)"
+                )
             ) from None
         except (codec.CodecError, struct.error, ValueError) as exc:
             raise self._end(f"the worker sent something that is not an answer ({exc})") from None
@@ -373,6 +404,7 @@ class WorkerSession:
 
     def close(self) -> None:
         """Kill the worker and everything it started."""
+        self._closed.set()
         try:
             self.sock.close()
         finally:
@@ -420,6 +452,7 @@ class Sandbox:
         memory_mb: int = DEFAULT_MEMORY_MB,
         preimports: list[str] | None = None,
         blocked: tuple[str, ...] = (),
+        use_cgroup: bool = True,
     ):
         self.root = Path(root).resolve()
         self.package = package
@@ -432,10 +465,14 @@ class Sandbox:
         self.count = 0
         self.zygote: subprocess.Popen | None = None
         self._start_zygote()
-        # Where workers stay uid 0 (root, with Landlock) only a cgroup limits their tasks.
+        # Where workers stay uid 0 (root, with Landlock) RLIMIT_NPROC does not bind them: a pids
+        # cgroup limits their tasks where one can be made (`use_cgroup=False` makes none), and
+        # elsewhere each session counts them.
+        uid0 = os.geteuid() == 0 and self.landlock > 0
         self.tasks_cgroup = None
-        if os.geteuid() == 0 and self.landlock > 0:
+        if uid0 and use_cgroup:
             self.tasks_cgroup = isolation.tasks_cgroup(self.base.name)
+        self.watch_tasks = uid0 and self.tasks_cgroup is None
 
     def _start_zygote(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -503,6 +540,9 @@ class Sandbox:
         finally:
             theirs.close()
         session = WorkerSession(self, module, pid, mine, folder, limit_s)
+        if self.watch_tasks:
+            extra = config.extra_tasks
+            session.watch_tasks(isolation.tasks_below(self.zygote.pid) + extra, extra)
         return session
 
     def kill_workers(self) -> int:
