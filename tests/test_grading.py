@@ -334,7 +334,13 @@ def test_where_no_cgroup_holds_a_uid0_worker_its_tasks_are_counted_and_stopped(d
     (demo_repo / "solutions" / "ch93_fork_bomb.py").write_text(BOUNDED_FORK_BOMB)
     sandbox = Sandbox(demo_repo, "solutions", memory_mb=1024, preimports=[], use_cgroup=False)
     try:
-        assert sandbox.tasks_cgroup is None and sandbox.watch_tasks
+        assert sandbox.tasks_cgroup is None and sandbox.task_watch is not None
+        # An honest worker may start all but a few of its 256.
+        honest = sandbox.spawn("solutions.ch94_tasks", 60.0, {})
+        assert honest.start().start_sleepers(250) == 250
+        time.sleep(0.5)  # ten counts of the watch
+        assert len(isolation.descendants(sandbox.zygote.pid)) == 251, honest.ended
+        honest.finish()
         session = sandbox.spawn("solutions.ch93_fork_bomb", 60.0, {})
         start = time.monotonic()
         with pytest.raises(CodeUnderTestError, match="more than 256 processes or threads"):
@@ -342,18 +348,20 @@ def test_where_no_cgroup_holds_a_uid0_worker_its_tasks_are_counted_and_stopped(d
         assert time.monotonic() - start < 30, "stopped by the time limit, not the task count"
         assert isolation.descendants(sandbox.zygote.pid) == set()
         session.finish()
-        # The next worker has its whole allowance again, and an honest one runs as before.
-        ok = sandbox.spawn("solutions.ch94_tasks", 60.0, {})
-        assert ok.start().start_sleepers(3) == 3
-        ok.finish()
+        # The next worker has its whole allowance again.
+        after = sandbox.spawn("solutions.ch94_tasks", 60.0, {})
+        assert after.start().start_sleepers(250) == 250
+        after.finish()
     finally:
         sandbox.close()
 
 
 def test_tasks_below_counts_every_thread_of_every_descendant():
-    """Below a child: its child's main thread and 3 more, 4 tasks, as RLIMIT_NPROC counts them."""
+    """Below a child: its child's main thread and 3 more, and a zombie it has not reaped: 5
+    tasks, as RLIMIT_NPROC counts them; 1 living process."""
     import subprocess
     import sys
+    import time
 
     from minillm.grading import isolation
 
@@ -365,12 +373,15 @@ def test_tasks_below_counts_every_thread_of_every_descendant():
     child = (
         "import subprocess, sys\n"
         f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE)\n"
+        "import os\n"
+        "if os.fork() == 0: os._exit(0)\n"  # a zombie: never waited for
         "print(p.stdout.readline().decode().strip(), flush=True); p.wait()"
     )
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        assert isolation.tasks_below(proc.pid) == 4
+        time.sleep(0.2)  # the zombie's exit
+        assert isolation.tasks_below(proc.pid) == 5
         assert len(isolation.descendants(proc.pid)) == 1
     finally:
         isolation.kill_all(lambda: isolation.descendants(proc.pid))

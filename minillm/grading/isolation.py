@@ -260,8 +260,9 @@ def children(pid: int) -> frozenset[int]:
     return frozenset(child for child, parent in _parents().items() if parent == pid)
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, threads) of every living (non-zombie) process."""
+def _processes(zombies: bool = False) -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, threads) of every living process, and of every zombie if `zombies`
+    (a zombie holds its pid, and one task, until its parent reaps it)."""
     processes = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -271,7 +272,9 @@ def _processes() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
-        if fields[0] not in ("Z", "X"):
+        if fields[0] == "Z" and zombies:
+            processes[int(entry.name)] = (int(fields[1]), 1)
+        elif fields[0] not in ("Z", "X"):
             processes[int(entry.name)] = (int(fields[1]), int(fields[17]))
     return processes
 
@@ -282,9 +285,9 @@ def _parents() -> dict[int, int]:
 
 
 def tasks_below(root: int) -> int:
-    """Tasks (threads count, as for RLIMIT_NPROC and a pids cgroup) of the living processes below
-    `root`."""
-    processes = _processes()
+    """Tasks below `root` as RLIMIT_NPROC and a pids cgroup count them: every thread, and every
+    zombie not yet reaped."""
+    processes = _processes(zombies=True)
     below = descendants(root, parents={pid: parent for pid, (parent, _) in processes.items()})
     return sum(processes[pid][1] for pid in below)
 

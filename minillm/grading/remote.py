@@ -268,23 +268,7 @@ class WorkerSession:
         self.deadline = time.monotonic() + limit_s
         self.violations: list[str] = []
         self.ended: str | None = None
-        self.task_limit_passed: int | None = None  # the extra tasks the code under test passed
-        self._closed = threading.Event()
-
-    def watch_tasks(self, limit: int, extra: int) -> None:
-        """Count the tasks below the zygote every TASK_POLL_S, and kill them all once they pass
-        `limit` (`extra` more than it held at the worker's start): the task limit of a worker
-        that stays uid 0, which RLIMIT_NPROC does not bind, where no pids cgroup can hold it."""
-        zygote = self.sandbox.zygote.pid
-
-        def watch():
-            while not self._closed.wait(TASK_POLL_S):
-                if isolation.tasks_below(zygote) > limit:
-                    self.task_limit_passed = extra
-                    self.sandbox.kill_workers()
-                    return
-
-        threading.Thread(target=watch, name=f"minillm-tasks-{self.pid}", daemon=True).start()
+        self.task_limit_passed: int | None = None  # set by the sandbox's _TaskWatch
 
     def _ended_text(self, otherwise: str) -> str:
         if self.task_limit_passed is None:
@@ -326,8 +310,10 @@ class WorkerSession:
             reply = self._receive()
         except TimeoutError:
             raise self._end(
-                f"time limit: the code under test was still running after {self.limit_s:g} s "
-                "(an endless loop, or far too slow); it was stopped"
+                self._ended_text(
+                    f"time limit: the code under test was still running after {self.limit_s:g} "
+                    "s (an endless loop, or far too slow); it was stopped"
+                )
             ) from None
         except (EOFError, ConnectionError, BrokenPipeError):
             raise self._end(
@@ -382,7 +368,9 @@ class WorkerSession:
             reply = self._receive()
         except TimeoutError:
             raise self._end(
-                f"time limit: importing {self.module_name} took more than {self.limit_s:g} s"
+                self._ended_text(
+                    f"time limit: importing {self.module_name} took more than {self.limit_s:g} s"
+                )
             ) from None
         except (EOFError, ConnectionError):
             raise self._end(
@@ -404,7 +392,6 @@ class WorkerSession:
 
     def close(self) -> None:
         """Kill the worker and everything it started."""
-        self._closed.set()
         try:
             self.sock.close()
         finally:
@@ -464,6 +451,7 @@ class Sandbox:
         self.landlock = isolation.landlock_abi()
         self.count = 0
         self.zygote: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # a spawn, a kill and the task watch, one at a time
         self._start_zygote()
         # Where workers stay uid 0 (root, with Landlock) RLIMIT_NPROC does not bind them: a pids
         # cgroup limits their tasks where one can be made (`use_cgroup=False` makes none), and
@@ -472,7 +460,7 @@ class Sandbox:
         self.tasks_cgroup = None
         if uid0 and use_cgroup:
             self.tasks_cgroup = isolation.tasks_cgroup(self.base.name)
-        self.watch_tasks = uid0 and self.tasks_cgroup is None
+        self.task_watch = _TaskWatch(self) if uid0 and self.tasks_cgroup is None else None
 
     def _start_zygote(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -531,18 +519,18 @@ class Sandbox:
             tasks_cgroup=str(self.tasks_cgroup) if self.tasks_cgroup else None,
         )
         mine, theirs = socket.socketpair()
-        try:
-            socket.send_fds(self.control, [pickle.dumps(config)], [theirs.fileno()])
-            (pid,) = struct.unpack("<q", self.control.recv(8))
-        except (OSError, struct.error) as exc:
-            self.zygote.kill()
-            raise SandboxError(f"the grader's worker process stopped answering: {exc}") from exc
-        finally:
-            theirs.close()
-        session = WorkerSession(self, module, pid, mine, folder, limit_s)
-        if self.watch_tasks:
-            extra = config.extra_tasks
-            session.watch_tasks(isolation.tasks_below(self.zygote.pid) + extra, extra)
+        with self._lock:
+            try:
+                socket.send_fds(self.control, [pickle.dumps(config)], [theirs.fileno()])
+                (pid,) = struct.unpack("<q", self.control.recv(8))
+            except (OSError, struct.error) as exc:
+                self.zygote.kill()
+                raise SandboxError(f"the grader's worker process stopped answering: {exc}") from exc
+            finally:
+                theirs.close()
+            session = WorkerSession(self, module, pid, mine, folder, limit_s)
+            if self.task_watch is not None:
+                self.task_watch.admit(session, config.extra_tasks)
         return session
 
     def kill_workers(self) -> int:
@@ -550,9 +538,14 @@ class Sandbox:
         included (the zygote is their subreaper), however they forked or detached."""
         if self.zygote is None:
             return 0
-        return isolation.kill_all(lambda: isolation.descendants(self.zygote.pid))
+        with self._lock:
+            if self.task_watch is not None:
+                self.task_watch.forget()
+            return isolation.kill_all(lambda: isolation.descendants(self.zygote.pid))
 
     def close(self) -> None:
+        if self.task_watch is not None:
+            self.task_watch.stop()
         if self.zygote is not None:
             self.kill_workers()
             self.control.close()
@@ -561,3 +554,51 @@ class Sandbox:
         if self.tasks_cgroup is not None:
             isolation.remove_tasks_cgroup(self.tasks_cgroup)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class _TaskWatch:
+    """The task limit of workers that stay uid 0 (RLIMIT_NPROC does not bind uid 0) where no pids
+    cgroup can hold them: a thread counts the tasks below the zygote every TASK_POLL_S and kills
+    them all once they pass the limit. Like the cgroup's pids.max, the limit is set at each
+    worker's start to the tasks there then plus the worker's allowance, so that workers alive at
+    once share it. A soft limit: a fast fork or thread bomb overshoots it by what it starts in
+    one interval."""
+
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox = sandbox
+        self.limit: int | None = None  # no worker alive
+        self.sessions: list[WorkerSession] = []
+        self.extra = 0
+        self.generation = 0  # changes at every start and kill: a count taken before is stale
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="minillm-task-watch", daemon=True)
+        self._thread.start()
+
+    def admit(self, session: WorkerSession, extra: int) -> None:
+        """Called under the sandbox's lock, with the new worker forked."""
+        self.generation += 1
+        self.limit = isolation.tasks_below(self.sandbox.zygote.pid) + extra
+        self.extra = extra
+        self.sessions.append(session)
+
+    def forget(self) -> None:
+        """Called under the sandbox's lock before every worker is killed."""
+        self.generation += 1
+        self.limit = None
+        self.sessions = []
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TASK_POLL_S):
+            generation, limit, zygote = self.generation, self.limit, self.sandbox.zygote
+            if limit is None or zygote is None or isolation.tasks_below(zygote.pid) <= limit:
+                continue
+            with self.sandbox._lock:
+                if generation != self.generation or self._stop.is_set():
+                    continue  # a worker started or all were killed while counting
+                for session in self.sessions:
+                    session.task_limit_passed = self.extra
+                self.sandbox.kill_workers()
