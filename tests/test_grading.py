@@ -351,6 +351,8 @@ def test_where_no_cgroup_holds_a_uid0_worker_its_tasks_are_counted_and_stopped(d
         # The next worker has its whole allowance again.
         after = sandbox.spawn("solutions.ch94_tasks", 60.0, {})
         assert after.start().start_sleepers(250) == 250
+        time.sleep(0.5)
+        assert len(isolation.descendants(sandbox.zygote.pid)) == 251, after.ended
         after.finish()
     finally:
         sandbox.close()

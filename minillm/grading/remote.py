@@ -524,6 +524,7 @@ class Sandbox:
                 socket.send_fds(self.control, [pickle.dumps(config)], [theirs.fileno()])
                 (pid,) = struct.unpack("<q", self.control.recv(8))
             except (OSError, struct.error) as exc:
+                self.kill_workers()  # before the zygote, whose orphans would leave its tree
                 self.zygote.kill()
                 raise SandboxError(f"the grader's worker process stopped answering: {exc}") from exc
             finally:
@@ -593,7 +594,8 @@ class _TaskWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(TASK_POLL_S):
-            generation, limit, zygote = self.generation, self.limit, self.sandbox.zygote
+            with self.sandbox._lock:  # the three as one start or kill left them
+                generation, limit, zygote = self.generation, self.limit, self.sandbox.zygote
             if limit is None or zygote is None or isolation.tasks_below(zygote.pid) <= limit:
                 continue
             with self.sandbox._lock:
