@@ -455,7 +455,7 @@ class Sandbox:
         self._start_zygote()
         # Where workers stay uid 0 (root, with Landlock) RLIMIT_NPROC does not bind them: a pids
         # cgroup limits their tasks where one can be made (`use_cgroup=False` makes none), and
-        # elsewhere each session counts them.
+        # elsewhere the sandbox's _TaskWatch counts them.
         uid0 = os.geteuid() == 0 and self.landlock > 0
         self.tasks_cgroup = None
         if uid0 and use_cgroup:
